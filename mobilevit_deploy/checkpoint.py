@@ -1,0 +1,103 @@
+"""Checkpoint I/O: safetensors or torch `.pt` read with `weights_only=True`; atomic writes; sha256."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import CheckpointError
+
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema", "model_ema")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a directory (e.g. .mlpackage) as the hash of its sorted files."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def load_state_dict(path: str | os.PathLike) -> dict:
+    """Read a state dict from `.safetensors` or `.pt`/`.pth`/`.bin` (weights_only=True).
+
+    Accepts a plain state dict or one wrapped under a usual key (`state_dict`, `model`, ...), and
+    strips a DDP `module.` prefix.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(p))
+        else:
+            import torch
+
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # corrupt file, pickle with non-tensor objects, ...
+        raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    if isinstance(sd, dict):
+        for k in _WRAPPER_KEYS:
+            if k in sd and isinstance(sd[k], dict):
+                sd = sd[k]
+                break
+    if not isinstance(sd, dict) or not sd:
+        raise CheckpointError(f"checkpoint {p} holds no state dict")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_checkpoint(model, path: str | os.PathLike) -> None:
+    """Load `path` into `model` strictly; a key or shape mismatch names the first offending keys."""
+    sd = load_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
+    if shape:
+        problems.append(f"{len(shape)} shape mismatches (first: {'; '.join(shape[:3])})")
+    if problems:
+        name = type(model).__name__
+        raise CheckpointError(f"checkpoint {path} does not match {name}: " + "; ".join(problems))
+    sd = {k: v.to(own[k].dtype) for k, v in sd.items()}  # fp16 shipped weights -> fp32 model
+    model.load_state_dict(sd, strict=True)
+
+
+def atomic_write(path: str | os.PathLike, write_fn) -> Path:
+    """Call `write_fn(tmp_path)` on a temporary path in the same folder, then rename onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def save_safetensors(state_dict: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=metadata))

@@ -1,0 +1,68 @@
+"""Model registry: `@register_model` on a constructor, `create_model(name)`, `list_models()`.
+
+A constructor takes `num_classes` (and architecture kwargs) and returns an `nn.Module` carrying
+`model.deploy_cfg` (a DeployCfg). `create_model` adds checkpoint loading and label overrides.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from ..errors import choices_error
+from ._cfg import DeployCfg
+
+_MODELS: dict[str, Callable] = {}
+_DEFAULT_CFGS: dict[str, DeployCfg] = {}
+
+
+def register_model(fn: Callable = None, *, cfg: DeployCfg | None = None):
+    """Register a constructor under its function name, with its default DeployCfg."""
+
+    def wrap(f):
+        _MODELS[f.__name__] = f
+        _DEFAULT_CFGS[f.__name__] = cfg or DeployCfg()
+        return f
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def _ensure_loaded():
+    # Importing the architecture files runs their @register_model decorators.
+    from . import cmt, mobilevit  # noqa: F401
+
+
+def list_models() -> list[str]:
+    _ensure_loaded()
+    return sorted(_MODELS)
+
+
+def get_deploy_cfg(name: str, num_classes: int | None = None, labels: Sequence[str] | None = None) -> DeployCfg:
+    _ensure_loaded()
+    if name not in _MODELS:
+        raise choices_error("model", name, sorted(_MODELS))
+    cfg = _DEFAULT_CFGS[name]
+    if num_classes is not None or labels:
+        cfg = cfg.with_classes(num_classes if num_classes is not None else len(labels), labels)
+    return cfg
+
+
+def create_model(
+    name: str,
+    num_classes: int | None = None,
+    checkpoint: str | None = None,
+    labels: Sequence[str] | None = None,
+    deploy_cfg: DeployCfg | None = None,
+    **kwargs,
+):
+    """Build a registered model; optionally load `checkpoint` (.safetensors or .pt, weights_only).
+
+    The returned module is in eval mode and has `.deploy_cfg`. Raises `UserError` for an unknown
+    name and `CheckpointError` for a checkpoint that is missing or does not match.
+    """
+    cfg = deploy_cfg or get_deploy_cfg(name, num_classes, labels)
+    model = _MODELS[name](num_classes=cfg.num_classes, **kwargs)
+    model.deploy_cfg = cfg
+    if checkpoint is not None:
+        from ..checkpoint import load_checkpoint
+
+        load_checkpoint(model, checkpoint)
+    return model.eval()
