@@ -58,7 +58,10 @@ def create_model(
     The returned module is in eval mode and has `.deploy_cfg`. Raises `UserError` for an unknown
     name and `CheckpointError` for a checkpoint that is missing or does not match.
     """
+    _ensure_loaded()  # also when deploy_cfg is given (get_deploy_cfg would otherwise load the registry)
     cfg = deploy_cfg or get_deploy_cfg(name, num_classes, labels)
+    if name not in _MODELS:
+        raise choices_error("model", name, sorted(_MODELS))
     model = _MODELS[name](num_classes=cfg.num_classes, **kwargs)
     model.deploy_cfg = cfg
     if checkpoint is not None:

@@ -1,7 +1,7 @@
 """CMT: Convolutional Neural Networks Meet Vision Transformers.
 
 Paper: Jianyuan Guo, Kai Han, Han Wu, Yehui Tang, Xinghao Chen, Yunhe Wang, Chang Xu,
-"CMT: Convolutional Neural Networks Meet Vision Transformers", CVPR 2022 (arXiv:2107.06263).
+"CMT: Convolutional Neural Networks Meet Vision Transformers", CVPR 2022, https://arxiv.org/abs/2107.06263
 Official code: https://github.com/huawei-noah/Efficient-AI-Backbones, folder `cmt_pytorch`
 (`cmt.py`), which this file re-implements without timm.
 
@@ -17,26 +17,30 @@ dropout -> linear.
 State-dict compatibility with the official release: parameter and buffer names and shapes are the
 official ones (`stem_conv1`, `patch_embed_a.proj`, `relative_pos_a`, `blocks_a.0.attn.sr.0`,
 `blocks_a.0.mlp.conv1.0`, `_fc`, `_bn`, `head`, ...), so an official checkpoint trained at the same
-input size (cmt_ti 160, cmt_xs 192, cmt_s 224, cmt_b 256) loads with `strict=True`. Deviations,
-none of which changes a key or the eval-mode function:
+input size (cmt_ti 160, cmt_xs 192, cmt_s 224, cmt_b 256) loads with `strict=True`. Checked against
+a transcription of the official module: same keys in the same order, same shapes, same parameter
+counts, and equal logits (max |diff| < 1e-6) with its weights; not against the released .pth files
+(not downloaded). Deviations, none of which changes a key or the eval-mode logits:
   - no timm: `DropPath`, init and config are local; the custom-autograd `MemoryEfficientSwish` is
     `nn.SiLU` (same function, exportable); pooling is `mean((2, 3))` instead of AdaptiveAvgPool2d.
   - the unused `representation_size` / `pre_logits` option is dropped (it has no parameters when off).
   - `forward_features` returns the map after `_fc`/`_bn`/Swish, [B, 1280, H/32, W/32], before global
     pooling (the official one returns the pooled vector); `forward_head` pools and classifies.
+  - the default `img_size` is the variant's own size (official `_create_cmt_model` defaults to 224 and
+    its train.py passes `img_size=--input-size`).
   - `img_size` may be any size >= 32 (odd sizes and non-squares included); the official code asserts
     the exact constructed size. Token grids follow the conv arithmetic, which equals the official
     `img_size // 4 ...` grids for sizes divisible by 32. Dropout names follow timm
     (`drop_rate`, `attn_drop_rate`, `drop_path_rate`, `head_drop_rate`; official `dp`).
 
-Relative position bias and input size: the official bias of stage s has the shape
-[heads, Hq * Wq, Hk * Wk] (query grid x spatially reduced key grid), so it is tied to the input
-size. Here it is built for the `img_size` constructor kwarg (default: the registered DeployCfg
+Relative position bias and input size: the official bias of stage s is a free learned tensor of
+shape [heads, Hq * Wq, Hk * Wk] (query grid x spatially reduced key grid, standard-normal init), so
+it is tied to the input size. Here it is built for the `img_size` constructor kwarg (default: the registered DeployCfg
 size), e.g. `create_model('cmt_ti', img_size=96)` for a 96 px CIFAR recipe. Fed another size, the
 model resizes each stage's bias on the fly (separable bicubic interpolation over the query grid and
 the key grid) -- fine for evaluation, but export at the constructed size so the graph holds no
 interpolation. `CMT.set_input_size(n)` resizes the learned biases permanently (fine-tuning at a new
-size). Inputs smaller than 32 px raise ValueError (stage 4 would have no tokens).
+size). Inputs below 31 px raise ValueError (a stage would have no key/value tokens).
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ _NUM_HEADS = (1, 2, 4, 8)
 _SR_RATIOS = (8, 4, 2, 1)
 
 # Official `cmt_*` constructors. `img_size` is the registered input size (official README --input-size).
+# cmt_xs: the official code uses mlp_ratio 3.77 (hidden 196/392/784/1568), not the paper's rounded 3.8.
 model_cfgs = dict(
     cmt_ti=dict(embed_dims=(46, 92, 184, 368), depths=(2, 2, 10, 2), stem_channel=16, mlp_ratio=3.6, img_size=160),
     cmt_xs=dict(embed_dims=(52, 104, 208, 416), depths=(3, 3, 12, 3), stem_channel=16, mlp_ratio=3.77, img_size=192),
@@ -176,14 +181,15 @@ class LMHSA(nn.Module):
         B, N, C = x.shape  # [B, N, C], N = H * W
         nh, dqk, dv = self.num_heads, self.qk_dim // self.num_heads, C // self.num_heads
         M = (H // self.sr_ratio) * (W // self.sr_ratio)  # key/value tokens after spatial reduction
-        q = self.q(x).reshape(B, N, nh, dqk).permute(0, 2, 1, 3)  # [B, h, N, dqk]
+        # 3-D bmm on [B*h, ...]: a 4-D matmul decomposes with expand_copy, which XNNPACK leaves out.
+        q = self.q(x).reshape(B, N, nh, dqk).permute(0, 2, 1, 3).reshape(B * nh, N, dqk)  # [B*h, N, dqk]
         kv = self.sr(x.permute(0, 2, 1).reshape(B, C, H, W))  # [B, C, H/sr, W/sr]
         kv = kv.reshape(B, C, M).permute(0, 2, 1)  # [B, M, C]
-        k = self.k(kv).reshape(B, M, nh, dqk).permute(0, 2, 3, 1)  # [B, h, dqk, M]
-        v = self.v(kv).reshape(B, M, nh, dv).permute(0, 2, 1, 3)  # [B, h, M, dv]
-        attn = torch.matmul(q, k) * self.scale + rel_pos  # [B, h, N, M] (+ bias [h, N, M])
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = torch.matmul(attn, v)  # [B, h, N, dv]
+        k = self.k(kv).reshape(B, M, nh, dqk).permute(0, 2, 3, 1).reshape(B * nh, dqk, M)  # [B*h, dqk, M]
+        v = self.v(kv).reshape(B, M, nh, dv).permute(0, 2, 1, 3).reshape(B * nh, M, dv)  # [B*h, M, dv]
+        attn = torch.bmm(q, k).reshape(B, nh, N, M) * self.scale + rel_pos  # [B, h, N, M] (+ bias [h, N, M])
+        attn = self.attn_drop(attn.softmax(dim=-1)).reshape(B * nh, N, M)  # [B*h, N, M]
+        x = torch.bmm(attn, v).reshape(B, nh, N, dv)  # [B, h, N, dv]
         x = x.permute(0, 2, 1, 3).reshape(B, N, C)  # [B, N, C]
         return self.proj_drop(self.proj(x))
 
@@ -196,12 +202,13 @@ class CMTBlock(nn.Module):
         sr_ratio: int = 1, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
     ):
         super().__init__()
-        self.proj = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)  # LPU
+        # Registration order as official (LPU conv last), so state_dict keys come in the same order.
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = LMHSA(dim, num_heads, qkv_bias, qk_ratio, sr_ratio, attn_drop, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = IRFFN(dim, int(dim * mlp_ratio), drop)
+        self.proj = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)  # LPU
 
     def forward(self, x, H: int, W: int, rel_pos):
         B, N, C = x.shape  # [B, N, C]
@@ -269,23 +276,26 @@ class CMT(nn.Module):
         self.stem_act3 = nn.GELU()
         self.stem_norm3 = nn.BatchNorm2d(stem)
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth decay rule
-        in_chs, cur = stem, 0
+        # Same registration order as the official module (patch embeds, biases, blocks): same key order.
+        in_chs = (stem,) + tuple(embed_dims[:-1])
         for i, s in enumerate(_STAGES):
-            dim = embed_dims[i]
-            setattr(self, f"patch_embed_{s}", PatchEmbed(in_chs, dim))
+            setattr(self, f"patch_embed_{s}", PatchEmbed(in_chs[i], embed_dims[i]))
+        for i, s in enumerate(_STAGES):
             (hq, wq), (hk, wk) = self.grids[i]
-            # Learned bias [heads, Hq*Wq, Hk*Wk]; official init is a standard normal.
+            # Learned bias [heads, Hq*Wq, Hk*Wk]; the official init is a standard normal.
             setattr(self, f"relative_pos_{s}", nn.Parameter(torch.randn(num_heads[i], hq * wq, hk * wk)))
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth decay rule
+        cur = 0
+        for i, s in enumerate(_STAGES):
             blocks = nn.ModuleList([
                 CMTBlock(
-                    dim, num_heads[i], mlp_ratio, qkv_bias=qkv_bias, qk_ratio=qk_ratio, sr_ratio=sr_ratios[i],
-                    drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[cur + j],
+                    embed_dims[i], num_heads[i], mlp_ratio, qkv_bias=qkv_bias, qk_ratio=qk_ratio,
+                    sr_ratio=sr_ratios[i], drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[cur + j],
                 )
                 for j in range(depths[i])
             ])
             setattr(self, f"blocks_{s}", blocks)
-            in_chs, cur = dim, cur + depths[i]
+            cur += depths[i]
 
         self._fc = nn.Conv2d(embed_dims[-1], fc_dim, kernel_size=1)
         self._bn = nn.BatchNorm2d(fc_dim)
@@ -313,7 +323,7 @@ class CMT(nn.Module):
         if any(min(k) < 1 for _, k in grids):
             raise ValueError(
                 f"input size {img_size[0]}x{img_size[1]} is too small for CMT: each stage needs at least one "
-                f"key/value token after spatial reduction by {self.sr_ratios}, i.e. H, W >= 32"
+                f"key/value token after spatial reduction by {self.sr_ratios} (use H, W >= 32)"
             )
         return grids
 
@@ -346,7 +356,10 @@ class CMT(nn.Module):
         sr = self.sr_ratios[i]
         new_k = (H // sr, W // sr)
         if min(new_k) < 1:
-            raise ValueError(f"input too small for CMT: stage {i + 1} grid {H}x{W} < sr ratio {sr} (need H, W >= 32)")
+            raise ValueError(
+                f"input too small for CMT: stage {i + 1} token grid {H}x{W} is smaller than its key/value "
+                f"reduction {sr}x{sr} (use H, W >= 32)"
+            )
         if (H, W) == q_grid:
             return rel_pos  # [h, N, M]
         return resize_rel_pos(rel_pos, q_grid, k_grid, (H, W), new_k)  # [h, N', M']
@@ -367,7 +380,7 @@ class CMT(nn.Module):
         return x
 
     def forward_head(self, x, pre_logits: bool = False):
-        x = x.mean((2, 3))  # [B, fc_dim]
+        x = x.mean((2, 3), keepdim=True).flatten(1)  # [B, fc_dim]; keepdim: XNNPACK global avg pool
         x = self._drop(x)
         return x if pre_logits else self.head(x)  # [B, num_classes]
 

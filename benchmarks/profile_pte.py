@@ -1,0 +1,207 @@
+"""Per-op profile of a model's XNNPACK `.pte` (ETDump + Inspector) and of its ONNX Runtime run.
+
+    python benchmarks/profile_pte.py --model mobilevit_xxs --threads 1 --runs 30 --out /tmp/prof
+
+Lowers the model exactly as `mobilevit_deploy.export` does (its capture and partitioner), with
+`generate_etrecord=True`, runs it `--runs` times with ETDump enabled, and prints the Inspector's
+per-event p50 (ms) grouped by event: every XNNPACK delegate call and every op left to the portable
+kernels. Then ONNX Runtime with `enable_profiling` on the same model, grouped by op type.
+Prints; writes nothing but the files under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def _layer_norm_xnnpack(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    """LayerNorm over the last dim from ops XNNPACK delegates: a 4-D mean over dims (2, 3) is its
+    global average pooling; sub, mul, add, rsqrt are elementwise. Same maths as aten.layer_norm."""
+    import torch
+
+    shape = x.shape
+    x4 = x.reshape(1, -1, shape[-1], 1)  # [1, tokens, C, 1]
+    mu = x4.mean(dim=(2, 3), keepdim=True)
+    d = x4 - mu
+    var = (d * d).mean(dim=(2, 3), keepdim=True)
+    y = (d * torch.rsqrt(var + eps)).reshape(shape)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def _decompose_layer_norm(ep):
+    import torch
+
+    return ep.run_decompositions({torch.ops.aten.layer_norm.default: _layer_norm_xnnpack})
+
+
+def lower_with_etrecord(model, cfg, out: Path, ln_decomp: bool = False):
+    from executorch.exir import to_edge_transform_and_lower
+
+    from mobilevit_deploy.export import capture as cap
+    from mobilevit_deploy.export.executorch import ops_outside_delegate, partitioners
+
+    from mobilevit_deploy.export.executorch import decompose_for_xnnpack
+
+    ep = cap.capture(model, cfg)
+    ep_default = decompose_for_xnnpack(ep)  # what the export stage lowers
+    if ln_decomp:
+        ep = _decompose_layer_norm(ep)  # unconditionally (the export stage skips quantized programs)
+    else:
+        ep = ep_default
+    t = time.time()
+    edge = to_edge_transform_and_lower(ep, partitioner=partitioners("xnnpack"), generate_etrecord=True)
+    outside = ops_outside_delegate(edge.exported_program())
+    et = edge.to_executorch()
+    print(f"lowered in {time.time() - t:.0f} s; outside the delegate: {outside or 'nothing'}")
+    pte = out / "model.pte"
+    pte.write_bytes(et.buffer)
+    et.get_etrecord().save(str(out / "model.etrecord"))
+    return pte, outside
+
+
+def profile_pte(pte: Path, out: Path, x, threads: int, runs: int):
+    import executorch.extension.pybindings.portable_lib as et_lib
+    from executorch.devtools import Inspector
+    from executorch.runtime import Runtime
+
+    et_lib._unsafe_reset_threadpool(threads)
+    prog = Runtime.get().load_program(str(pte), enable_etdump=True, debug_buffer_size=0)  # 0: timings only (intermediate outputs would overflow it)
+    method = prog.load_method("forward")
+    for _ in range(5):
+        method.execute([x])
+    walls = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        method.execute([x])
+        walls.append((time.perf_counter() - t0) * 1e3)
+    prog.write_etdump_result_to_file(str(out / "etdump.etdp"), str(out / "debug.bin"))
+    insp = Inspector(etdump_path=str(out / "etdump.etdp"), etrecord=str(out / "model.etrecord"))
+    df = insp.to_dataframe()
+    df = df[df["event_block_name"] == "Execute"]
+    import re
+
+    import numpy as np
+
+    warm = 5  # the first runs recorded are the warm-up calls
+    names = list(df["event_name"])
+    raw = np.array([list(r)[warm:] for r in df["raw"]])  # events x timed runs, ms
+    delegated = list(df["is_delegated_op"])
+    total = raw[names.index("Method::execute")]
+    groups = defaultdict(lambda: np.zeros(raw.shape[1]))
+    counts = defaultdict(int)
+    for i, n in enumerate(names):
+        if n in ("Method::execute", "DELEGATE_CALL", "OPERATOR_CALL"):
+            continue
+        key = re.sub(r" #\d+$", "", n) + (" [xnnpack]" if delegated[i] else " [portable]")
+        groups[key] += raw[i]
+        counts[key] += 1
+    n_deleg = names.count("DELEGATE_CALL")
+    ops_sum = sum(groups.values())
+    outside = total - ops_sum  # framework time: between delegate calls, inputs/outputs
+    walls.sort()
+    med_total = float(np.median(total))
+    print(f"\nExecuTorch {pte.name}: wall median {walls[len(walls) // 2]:.2f} ms over {runs} runs ({threads} threads); "
+          f"ETDump Method::execute median {med_total:.2f} ms, {n_deleg} delegate call(s)")
+    print("  per op type: median over runs of the per-run sum, and share of Method::execute")
+    rows = []
+    for k, v in sorted(groups.items(), key=lambda kv: -float(np.median(kv[1]))):
+        m = float(np.median(v))
+        rows.append((k, counts[k], m))
+        print(f"  {m:8.3f} ms {100 * m / med_total:5.1f} %  x{counts[k]:<4} {k}")
+    m = float(np.median(outside))
+    print(f"  {m:8.3f} ms {100 * m / med_total:5.1f} %        outside any op (delegate entry/exit, runtime)")
+    return rows, walls
+
+
+def profile_ort(model, cfg, out: Path, x, threads: int, runs: int):
+    import onnxruntime as ort
+
+    from mobilevit_deploy.export import capture as cap
+    from mobilevit_deploy.export import onnx as ox
+
+    ep = cap.capture(model, cfg)
+    proto, info = ox.convert(ep, cfg)
+    path = out / "model.onnx"
+    ox.save(proto, path)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.enable_profiling = True
+    so.profile_file_prefix = str(out / "ort_profile")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: x.numpy()}
+    for _ in range(5):
+        sess.run(None, feed)
+    walls = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        walls.append((time.perf_counter() - t0) * 1e3)
+    prof = sess.end_profiling()
+    events = json.loads(Path(prof).read_text())
+    agg = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            agg[e["args"]["op_name"]][0] += e["dur"] / 1e3
+            agg[e["args"]["op_name"]][1] += 1
+    n = runs + 5
+    walls.sort()
+    print(f"\nONNX Runtime: wall median {walls[len(walls) // 2]:.2f} ms over {runs} runs ({threads} threads)")
+    for k, (ms, c) in sorted(agg.items(), key=lambda kv: -kv[1][0])[:15]:
+        print(f"  {ms / n:8.3f} ms/run  x{c // n:<3} {k}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="mobilevit_xxs")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--out", default="/tmp/mobilevit_profile")
+    p.add_argument("--no-ort", action="store_true")
+    p.add_argument("--quant", default="fp32", choices=["fp32", "int8"],
+                   help="int8: the export stage's executorch int8 scheme (pt2e W8A8, calibrated on the samples)")
+    p.add_argument("--reuse", action="store_true", help="reuse model.pte + model.etrecord already in --out")
+    p.add_argument("--ln-decomp", action="store_true",
+                   help="decompose LayerNorm for XNNPACK even in a quantized program (the export stage does it for float programs only)")
+    a = p.parse_args(argv)
+    import torch
+
+    from mobilevit_deploy import create_model
+    from mobilevit_deploy.bench.harness import bench_input
+    from dataclasses import replace
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = create_model(a.model)
+    cfg = replace(model.deploy_cfg, input_size=(3, a.size, a.size))
+    torch.set_num_threads(a.threads)
+    x = bench_input(cfg)
+    if a.reuse and (out / "model.pte").is_file() and (out / "model.etrecord").is_file():
+        pte = out / "model.pte"
+    else:
+        to_lower = model
+        if a.quant == "int8":
+            from mobilevit_deploy.quantize import get_config, load_calibration, quantize_model
+
+            to_lower = quantize_model(model, get_config("executorch", "int8"), deploy_cfg=cfg,
+                                      calib=load_calibration(None)).module
+        pte, _ = lower_with_etrecord(to_lower, cfg, out, a.ln_decomp)
+    profile_pte(pte, out, x, a.threads, a.runs)
+    if not a.no_ort:
+        profile_ort(model, cfg, out, x, a.threads, a.runs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,515 @@
+"""Measure ViT-aware PTQ (Liu et al. 2021) against the pipeline's plain calibration, and mixed-precision
+Core ML palettization against uniform palettization. Prints the markdown tables of benchmarks/vit_ptq.md
+and writes the raw numbers as JSON.
+
+    python benchmarks/vit_ptq_table.py --model mobilevit_xxs --pte --coreml-mixed \
+        --json benchmarks/vit_ptq_mobilevit_xxs.json
+
+W8A8 part (ExecuTorch XNNPACKQuantizer, per-channel int8 weights, int8 activations, torchao pt2e):
+one capture (dynamic batch, as the pipeline), one observation pass over the same calibration images,
+then three ways to turn the observers into qparams, each converted with convert_pt2e:
+  histogram  the pipeline's `--calibration minmax` (XNNPACK's default HistogramObserver for activations,
+             PerChannelMinMax for weights)
+  minmax     every observer's plain min/max range
+  vit        `apply_vit_calibration` (searched steps + ranking loss + bias correction)
+Each is evaluated in PyTorch (the converted q/dq graph) on the validation folder: top-1, top-1
+agreement with fp32 and SQNR of the logits against fp32. With --pte, the histogram and vit graphs are
+also lowered to XNNPACK .pte files and run with the ExecuTorch runtime on the same images.
+
+Core ML part (--coreml-mixed): the fp32 model is converted to an fp16 mlprogram, palettized
+(k-means, coremltools) uniformly at 4/6/8 bits and per layer under average-bit budgets
+(`plan_mixed_precision`); sizes are the saved .mlpackage sizes. Core ML cannot run on Linux, so top-1
+is measured in PyTorch with the *artifact's* weights: every conv/linear weight is read back from the
+palettized program (decompressed by coremltools) into a copy of the model with BatchNorm folded
+the way the converter folds it (checked against the uncompressed program).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+def load_split(root, deploy_cfg, n=None, batch=200):
+    import torch
+
+    from mobilevit_deploy.data import list_image_folder, load_batch
+
+    samples, classes = list_image_folder(root)
+    labels = deploy_cfg.class_labels
+    if sorted(classes) != sorted(labels):
+        raise SystemExit(f"class folders {classes} do not match the model's labels {labels}")
+    idx = {c: labels.index(c) for c in classes}
+    if n is not None and n < len(samples):  # evenly spaced over the sorted (class-grouped) list
+        step = len(samples) / n
+        samples = [samples[int(i * step)] for i in range(n)]
+    xs = [load_batch([p for p, _ in samples[i:i + batch]], deploy_cfg) for i in range(0, len(samples), batch)]
+    y = torch.tensor([idx[classes[c]] for _, c in samples])
+    return torch.cat(xs), y, [p for p, _ in samples]
+
+
+def logits_of(fn, x, batch=100):
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
+
+
+def metrics(logits, y, ref):
+    from mobilevit_deploy.verify import sqnr_db, top1_agreement
+
+    return {"top1": float((logits.argmax(-1) == y).double().mean()) * 100,
+            "agree_fp32": top1_agreement(ref, logits) * 100,
+            "sqnr_fp32_db": sqnr_db(ref, logits),
+            "pred": logits.argmax(-1).tolist()}
+
+
+def paired(a_pred, b_pred, y):
+    """Images right with b but wrong with a (b fixes), and the reverse (b breaks), with the exact
+    two-sided McNemar (sign test) p-value: is b's top-1 different from a's beyond chance?"""
+    fixes = sum(1 for p, q, t in zip(a_pred, b_pred, y) if p != t and q == t)
+    breaks = sum(1 for p, q, t in zip(a_pred, b_pred, y) if p == t and q != t)
+    n = fixes + breaks
+    if n == 0:
+        return fixes, breaks, 1.0
+    k = min(fixes, breaks)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+    return fixes, breaks, p
+
+
+# ------------------------------------------------------------------------------------------------- W8A8
+
+def capture(model, deploy_cfg):
+    import torch
+
+    x = torch.zeros((2, *deploy_cfg.input_size))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    return torch.export.export(model.eval(), (x,), dynamic_shapes=({0: batch},)).module()
+
+
+def w8a8(model, xc, xv, yv, ref, args, results):
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer, get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from mobilevit_deploy.quantize.vit_ptq import VitPTQConfig, apply_vit_calibration, replace_observers_with_minmax
+
+    t = time.perf_counter()
+    gm = capture(model, model.deploy_cfg)
+    q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(gm, q)
+    t_prep = time.perf_counter() - t
+    t = time.perf_counter()
+    with torch.no_grad():
+        for b in xc.split(args.calib_batch):
+            prepared(b)
+    t_obs = time.perf_counter() - t
+    log(f"capture+prepare {t_prep:.1f}s, observation pass on {xc.shape[0]} images {t_obs:.1f}s")
+    results["observation_s"] = t_obs
+
+    converted = {}
+    variants = args.variants or (["histogram", "minmax", "vit"]
+                                 + (["vit-fp-inputs", "vit-no-bias-corr", "vit-no-rank"] if args.ablations else []))
+    vit_cfg = VitPTQConfig(search_images=args.search_images, n_candidates=args.n_candidates, rounds=args.rounds)
+    for v in variants:
+        p = copy.deepcopy(prepared)
+        t = time.perf_counter()
+        extra = {}
+        if v == "minmax":
+            replace_observers_with_minmax(p)
+        elif v.startswith("vit"):
+            cfg = vit_cfg
+            if v == "vit-fp-inputs":
+                cfg = VitPTQConfig(**{**vit_cfg.__dict__, "inputs": "fp"})
+            elif v == "vit-no-bias-corr":
+                cfg = VitPTQConfig(**{**vit_cfg.__dict__, "bias_correction": False})
+            elif v == "vit-no-rank":
+                cfg = VitPTQConfig(**{**vit_cfg.__dict__, "ranking_gamma": 0.0})
+            apply_vit_calibration(p, list(xc.split(args.calib_batch)), cfg, progress=args.verbose)
+            rep = p.meta["vit_ptq"]
+            extra = {"search_s": rep["seconds"], "layers": rep["n_layers"],
+                     "observers_replaced": rep["n_observers_replaced"], "bias_corrected": rep["n_bias_corrected"],
+                     "search_images": rep["search_images"], "config": rep["config"]}
+            if v == "vit":
+                results["vit_layers"] = rep["layers"]
+        t_method = time.perf_counter() - t
+        c = move_exported_model_to_eval(convert_pt2e(p))
+        converted[v] = c
+        m = metrics(logits_of(c, xv), yv, ref)
+        m.update(extra)
+        m["method_s"] = t_method
+        m["calibration_s"] = t_obs + t_method
+        results.setdefault("w8a8", {})[v] = m
+        log(f"{v:18s} top1 {m['top1']:.2f}  agree {m['agree_fp32']:.2f}  sqnr {m['sqnr_fp32_db']:.2f} dB  "
+            f"calib {m['calibration_s']:.1f}s")
+    return converted
+
+
+def pte_check(converted, xv, yv, ref, args, results):
+    import torch
+
+    from mobilevit_deploy.export.executorch import lower, save
+    from mobilevit_deploy.runtime import load_artifact
+    from mobilevit_deploy.verify import sqnr_db, top1_agreement
+
+    out_dir = Path(args.pte_dir or tempfile.mkdtemp(prefix="vit_ptq_pte_"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = min(args.pte_images, xv.shape[0])
+    for v in [v for v in ("histogram", "vit") if v in converted]:
+        c = converted[v]
+        t = time.perf_counter()
+        ep = torch.export.export(c, (xv[:1],))
+        et, outside = lower(ep, backend="xnnpack")
+        path = save(et, out_dir / f"{args.model}_int8_{v}.pte")
+        t_lower = time.perf_counter() - t
+        runner = load_artifact(path, num_threads=1)
+        lp = torch.cat([runner(xv[i:i + 1]) for i in range(n)])
+        lt = logits_of(c, xv[:n])
+        r = {"file": str(path), "size_bytes": path.stat().st_size, "lower_s": t_lower, "images": n,
+             "top1": float((lp.argmax(-1) == yv[:n]).double().mean()) * 100,
+             "agree_torch": top1_agreement(lt, lp) * 100, "sqnr_torch_db": sqnr_db(lt, lp),
+             "agree_fp32": top1_agreement(ref[:n], lp) * 100, "sqnr_fp32_db": sqnr_db(ref[:n], lp),
+             "torch_top1_same_images": float((lt.argmax(-1) == yv[:n]).double().mean()) * 100,
+             "ops_outside_delegate": outside}
+        # the searched scales are in the artifact: the .pte matches its own torch graph far better
+        # than it matches the other calibration's graph
+        other = "vit" if v == "histogram" else "histogram"
+        if other in converted:
+            r["sqnr_vs_other_torch_db"] = sqnr_db(logits_of(converted[other], xv[:n]), lp)
+        results.setdefault("pte", {})[v] = r
+        log(f"pte {v}: {r['size_bytes'] / 1e6:.2f} MB top1 {r['top1']:.2f} agree(torch) {r['agree_torch']:.2f} "
+            f"sqnr(torch) {r['sqnr_torch_db']:.1f} dB, vs other graph {r.get('sqnr_vs_other_torch_db', float('nan')):.1f} dB")
+
+
+# --------------------------------------------------------------------------------- Core ML W8A8 (pt2e)
+
+def _mil_quant_scales(mlmodel) -> list[float]:
+    """Scales of the activation quantize ops of a Core ML program."""
+    import numpy as np
+
+    out = []
+    for f in mlmodel._mil_program.functions.values():
+        for op in f.operations:
+            if op.op_type == "quantize" and "scale" in op.inputs:
+                v = op.inputs["scale"].val
+                if v is not None:
+                    out += [float(x) for x in np.atleast_1d(v)]
+    return out
+
+
+def coreml_w8a8(model, xc, xv, yv, ref, args, results):
+    """CoreMLQuantizer W8A8 (the pipeline's --target coreml --quant int8): min/max vs vit, evaluated on
+    the converted q/dq graph in PyTorch (Core ML cannot run here); the vit graph is converted to an
+    mlprogram and its quantize ops' scales are compared with the torch graph's."""
+    import coremltools as ct
+    import torch
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from mobilevit_deploy.quantize.configs import CoreMLInt8Config
+    from mobilevit_deploy.quantize.coreml_schemes import coreml_quantizer_factory
+    from mobilevit_deploy.quantize.vit_ptq import VitPTQConfig, apply_vit_calibration
+
+    t = time.perf_counter()
+    gm = capture(model, model.deploy_cfg)
+    prepared = prepare_pt2e(gm, coreml_quantizer_factory(CoreMLInt8Config())())
+    t_prep = time.perf_counter() - t
+    t = time.perf_counter()
+    with torch.no_grad():
+        for b in xc.split(args.calib_batch):
+            prepared(b)
+    t_obs = time.perf_counter() - t
+    log(f"coreml w8a8: capture+annotate+prepare {t_prep:.1f}s, observation {t_obs:.1f}s")
+    rows = {}
+    conv = {}
+    for v in ("minmax", "vit"):
+        p = copy.deepcopy(prepared)
+        t = time.perf_counter()
+        extra = {}
+        if v == "vit":
+            apply_vit_calibration(p, list(xc.split(args.calib_batch)),
+                                  VitPTQConfig(search_images=args.search_images, n_candidates=args.n_candidates,
+                                               rounds=args.rounds), progress=args.verbose)
+            rep = p.meta["vit_ptq"]
+            extra = {"search_s": rep["seconds"], "layers": rep["n_layers"], "observers_replaced": rep["n_observers_replaced"]}
+        t_method = time.perf_counter() - t
+        c = move_exported_model_to_eval(convert_pt2e(p))
+        conv[v] = c
+        m = metrics(logits_of(c, xv), yv, ref)
+        m.update(extra)
+        m["calibration_s"] = t_obs + t_method
+        rows[v] = m
+        log(f"coreml w8a8 {v:8s} top1 {m['top1']:.2f}  agree {m['agree_fp32']:.2f}  sqnr {m['sqnr_fp32_db']:.2f} dB")
+    # the searched activation scales are in the Core ML program
+    t = time.perf_counter()
+    ep = torch.export.export(conv["vit"], (xv[:1],)).run_decompositions({})
+    ml = ct.convert(ep, convert_to="mlprogram", inputs=[ct.TensorType(name="image", shape=tuple(xv[:1].shape))],
+                    minimum_deployment_target=ct.target.iOS17)
+    mil = _mil_quant_scales(ml)
+    torch_scales = sorted({float(n.args[1]) for n in conv["vit"].graph.nodes
+                           if n.op == "call_function" and str(n.target).endswith("quantize_per_tensor.default")
+                           and "dequantize" not in str(n.target)})
+    found = sum(any(abs(m_ - s_) <= 1e-6 * s_ for m_ in mil) for s_ in torch_scales)
+    rows["vit"]["mlprogram_check"] = {"torch_activation_scales": len(torch_scales), "found_in_mil_quantize_ops": found,
+                                      "mil_quantize_ops": len(mil), "convert_s": time.perf_counter() - t}
+    log(f"coreml w8a8: {found}/{len(torch_scales)} activation scales of the vit torch graph appear in the mlprogram's "
+        f"{len(mil)} quantize ops")
+    results["coreml_w8a8"] = rows
+
+
+# --------------------------------------------------------------------------------------------- Core ML
+
+def fold_bn_copy(model):
+    """A copy of `model` with every (conv, bn) pair of a ConvNormAct-like module folded (bn -> Identity)."""
+    import torch
+    from torch import nn
+
+    m = copy.deepcopy(model).eval()
+    for mod in m.modules():
+        conv, bn = getattr(mod, "conv", None), getattr(mod, "bn", None)
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            s = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+            w = conv.weight.detach() * s.view(-1, 1, 1, 1)
+            b = (conv.bias.detach() if conv.bias is not None else torch.zeros_like(s)) * s + bn.bias.detach() - bn.running_mean * s
+            conv.weight = nn.Parameter(w, requires_grad=False)
+            conv.bias = nn.Parameter(b, requires_grad=False)
+            mod.bn = nn.Identity()
+    return m
+
+
+def dir_size(p: Path) -> int:
+    return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file())
+
+
+def coreml_mixed(model, xc, xv, yv, ref, args, results):
+    import coremltools as ct
+    import coremltools.optimize.coreml as cto
+    import numpy as np
+    import torch
+
+    from mobilevit_deploy.quantize.mixed_precision import (
+        MixedPrecisionConfig, coreml_op_weights, coreml_weight_ops, forward_weight_order, plan_mixed_precision,
+    )
+
+    out_dir = Path(tempfile.mkdtemp(prefix="vit_ptq_coreml_"))
+    t = time.perf_counter()
+    ep = torch.export.export(model.eval(), (xv[:1],)).run_decompositions({})
+    ml = ct.convert(ep, convert_to="mlprogram", inputs=[ct.TensorType(name="image", shape=tuple(xv[:1].shape))],
+                    minimum_deployment_target=ct.target.iOS17, compute_precision=ct.precision.FLOAT16)
+    log(f"coreml convert {time.perf_counter() - t:.1f}s")
+    ml.save(str(out_dir / "fp16.mlpackage"))
+    folded = fold_bn_copy(model)
+    order = forward_weight_order(folded, xv[:1])
+    ops = coreml_weight_ops(ml)
+    base_w = coreml_op_weights(ml)
+    params = dict(folded.named_parameters())
+    # the folded torch model must hold the program's weights (fp16 rounding only)
+    for (op, _, _), (tn, _) in zip(ops, order):
+        a, b = base_w[op], params[tn].detach().numpy()
+        if not np.allclose(a, b, rtol=2e-3, atol=2e-3 * float(np.abs(b).max())):
+            raise SystemExit(f"folded torch weight {tn} does not match Core ML op {op}")
+
+    def eval_program(mlm):
+        w = coreml_op_weights(mlm)
+        m = copy.deepcopy(folded)
+        p = dict(m.named_parameters())
+        with torch.no_grad():
+            for (op, _, _), (tn, _) in zip(ops, order):
+                p[tn].copy_(torch.from_numpy(w[op]))
+        return metrics(logits_of(m, xv), yv, ref)
+
+    rows = {}
+    fp16 = eval_program(ml)
+    fp16["size_bytes"] = dir_size(out_dir / "fp16.mlpackage")
+    fp16["avg_bits"] = 16.0
+    rows["fp16"] = fp16
+    for b in (8, 6, 4):
+        cfg = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=b))
+        t = time.perf_counter()
+        mlp = cto.palettize_weights(ml, cfg)
+        r = eval_program(mlp)
+        mlp.save(str(out_dir / f"uniform{b}.mlpackage"))
+        r["size_bytes"] = dir_size(out_dir / f"uniform{b}.mlpackage")
+        r["avg_bits"] = float(b)
+        r["palettize_s"] = time.perf_counter() - t
+        rows[f"uniform {b}-bit"] = r
+        log(f"uniform {b}: {r['size_bytes'] / 1e6:.3f} MB top1 {r['top1']:.2f} sqnr {r['sqnr_fp32_db']:.2f}")
+    for budget in args.budgets:
+        for err_model in ("measured", "ideal") if args.ablations else ("measured",):
+            t = time.perf_counter()
+            plan = plan_mixed_precision(model, ml, list(xc.split(args.calib_batch)),
+                                        MixedPrecisionConfig(budget_avg_bits=budget, error_model=err_model))
+            # sensitivities are keyed by the unfolded model's names, which equal the folded copy's
+            mlp = cto.palettize_weights(ml, plan.config)
+            t_plan = time.perf_counter() - t
+            r = eval_program(mlp)
+            name = f"mixed {budget:g} ({err_model})"
+            mlp.save(str(out_dir / f"mixed{budget:g}_{err_model}.mlpackage"))
+            r["size_bytes"] = dir_size(out_dir / f"mixed{budget:g}_{err_model}.mlpackage")
+            r["avg_bits"] = plan.avg_bits
+            r["plan"] = plan.describe()
+            r["bits"] = plan.bits
+            r["plan_and_palettize_s"] = t_plan
+            rows[name] = r
+            log(f"{name}: {r['size_bytes'] / 1e6:.3f} MB avg {plan.avg_bits:.2f} bits top1 {r['top1']:.2f} "
+                f"sqnr {r['sqnr_fp32_db']:.2f} {plan.describe()['histogram']}")
+    results["coreml"] = rows
+
+
+# -------------------------------------------------------------------------------------------- reporting
+
+def markdown(results) -> str:
+    out = []
+    m = results["model"]
+    out.append(f"### {m} ({results['weights']})\n")
+    out.append(f"fp32 top-1 on {results['val_images']} val images: **{results['fp32_top1']:.2f} %**; calibration: "
+               f"{results['calib_images']} train images (observation pass {results['observation_s']:.1f} s).\n")
+    if "w8a8" in results:
+        out.append("| W8A8 (XNNPACK quantizer, torch q/dq graph) | top-1 % | top-1 agreement w/ fp32 % | SQNR vs fp32 dB | calibration time s | vs histogram: fixed / broken images (McNemar p) |")
+        out.append("|---|---:|---:|---:|---:|---:|")
+        base = results["w8a8"].get("histogram")
+        for k, r in results["w8a8"].items():
+            pair = ""
+            if base is not None and k != "histogram" and "pred" in r and "pred" in base:
+                f, b_, pv = paired(base["pred"], r["pred"], results["labels"])
+                pair = f"{f} / {b_} (p={pv:.2f})"
+            out.append(f"| {k} | {r['top1']:.2f} | {r['agree_fp32']:.2f} | {r['sqnr_fp32_db']:.2f} | {r['calibration_s']:.1f} | {pair} |")
+        out.append("")
+    if "pte" in results:
+        out.append("| lowered XNNPACK .pte (ExecuTorch runtime) | images | size MB | top-1 % | agreement w/ its torch graph % | SQNR vs its torch graph dB | SQNR vs the other calibration's graph dB | SQNR vs fp32 dB |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for k, r in results["pte"].items():
+            out.append(f"| {k} | {r['images']} | {r['size_bytes'] / 1e6:.3f} | {r['top1']:.2f} | {r['agree_torch']:.2f} | "
+                       f"{r['sqnr_torch_db']:.1f} | {r.get('sqnr_vs_other_torch_db', float('nan')):.1f} | {r['sqnr_fp32_db']:.2f} |")
+        out.append("")
+    if "coreml_w8a8" in results:
+        out.append("| Core ML W8A8 (CoreMLQuantizer, torch q/dq graph) | top-1 % | top-1 agreement w/ fp32 % | SQNR vs fp32 dB | calibration time s |")
+        out.append("|---|---:|---:|---:|---:|")
+        for k, r in results["coreml_w8a8"].items():
+            pair = ""
+            if k != "minmax" and "pred" in r:
+                f, b_, pv = paired(results["coreml_w8a8"]["minmax"]["pred"], r["pred"], results["labels"])
+                pair = f" (vs minmax: {f} fixed / {b_} broken, McNemar p={pv:.2f})"
+            out.append(f"| {k}{pair} | {r['top1']:.2f} | {r['agree_fp32']:.2f} | {r['sqnr_fp32_db']:.2f} | {r['calibration_s']:.1f} |")
+        chk = results["coreml_w8a8"]["vit"].get("mlprogram_check")
+        if chk:
+            out.append(f"\nvit graph converted to an iOS17 mlprogram: {chk['found_in_mil_quantize_ops']} of its "
+                       f"{chk['torch_activation_scales']} distinct activation scales appear in the program's "
+                       f"{chk['mil_quantize_ops']} `quantize` ops.")
+        out.append("")
+    if "coreml" in results:
+        out.append("| Core ML weights (fp16 program, k-means palettization) | avg weight bits | .mlpackage MB | top-1 % | agreement w/ fp32 % | SQNR vs fp32 dB |")
+        out.append("|---|---:|---:|---:|---:|---:|")
+        for k, r in results["coreml"].items():
+            out.append(f"| {k} | {r['avg_bits']:.2f} | {r['size_bytes'] / 1e6:.3f} | {r['top1']:.2f} | {r['agree_fp32']:.2f} | {r['sqnr_fp32_db']:.2f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="mobilevit_xxs")
+    ap.add_argument("--checkpoint", help="weights (.safetensors with a sibling .json deploy_cfg); default: shipped")
+    ap.add_argument("--input-size", type=int, default=96, help="for a --checkpoint without a .json: input size")
+    ap.add_argument("--crop-pct", type=float, default=1.0, help="for a --checkpoint without a .json")
+    ap.add_argument("--calib-dir", default=str(REPO.parent / "shared/data/cifar10/train"))
+    ap.add_argument("--val-dir", default=str(REPO.parent / "shared/data/cifar10/val"))
+    ap.add_argument("--calib-size", type=int, default=256)
+    ap.add_argument("--calib-batch", type=int, default=32)
+    ap.add_argument("--val-size", type=int, default=None, help="default: the whole folder")
+    ap.add_argument("--search-images", type=int, default=64)
+    ap.add_argument("--n-candidates", type=int, default=36)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--pte", action="store_true", help="also lower histogram and vit to XNNPACK .pte and run them")
+    ap.add_argument("--pte-images", type=int, default=1000)
+    ap.add_argument("--pte-dir")
+    ap.add_argument("--coreml-mixed", action="store_true")
+    ap.add_argument("--coreml-w8a8", action="store_true", help="CoreMLQuantizer W8A8: min/max vs vit (torch-side)")
+    ap.add_argument("--no-w8a8", action="store_true")
+    ap.add_argument("--budgets", type=float, nargs="*", default=[5.0, 6.0, 7.0])
+    ap.add_argument("--variants", nargs="*", choices=["histogram", "minmax", "vit", "vit-fp-inputs", "vit-no-bias-corr",
+                                                      "vit-no-rank"], help="W8A8 variants (default: histogram minmax vit)")
+    ap.add_argument("--ablations", action="store_true", help="vit without bias correction / ranking loss; ideal error model")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from mobilevit_deploy.pretrained import create_default_model
+
+    if args.checkpoint:
+        from mobilevit_deploy import create_model
+        from mobilevit_deploy.models import DeployCfg, list_models
+
+        list_models()  # loads the registry (create_model with deploy_cfg= does not)
+        meta_path = Path(args.checkpoint).with_suffix(".json")
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            dcfg = DeployCfg.from_dict(meta["deploy_cfg"])
+            weights = f"{args.checkpoint} ({meta.get('epochs')} epochs, recorded val top-1 {meta.get('val_top1')})"
+        else:  # a raw training checkpoint: CIFAR-10 CPU-recipe preprocessing from the command line
+            from dataclasses import replace
+
+            from mobilevit_deploy.models import CIFAR10_LABELS, get_deploy_cfg
+
+            dcfg = replace(get_deploy_cfg(args.model, num_classes=10, labels=CIFAR10_LABELS),
+                           input_size=(3, args.input_size, args.input_size), crop_pct=args.crop_pct)
+            weights = f"{args.checkpoint} (no metadata; input {args.input_size} px, crop_pct {args.crop_pct})"
+        model = create_model(args.model, checkpoint=args.checkpoint, deploy_cfg=dcfg)
+    else:
+        model, sw = create_default_model(args.model)
+        if sw is None:
+            raise SystemExit(f"no shipped weights for {args.model}: pass --checkpoint")
+        weights = f"shipped {sw.path.name} ({sw.meta.get('epochs')} epochs, recorded val top-1 {sw.meta.get('val_top1')})"
+    model.eval()
+    cfg = model.deploy_cfg
+    t = time.perf_counter()
+    xv, yv, _ = load_split(args.val_dir, cfg, args.val_size)
+    xc, _, calib_paths = load_split(args.calib_dir, cfg, args.calib_size)
+    log(f"data {time.perf_counter() - t:.1f}s: val {tuple(xv.shape)}, calib {tuple(xc.shape)}")
+    ref = logits_of(model, xv)
+    results = {"model": args.model, "weights": weights, "val_images": int(xv.shape[0]), "calib_images": int(xc.shape[0]),
+               "input_size": list(cfg.input_size), "fp32_top1": float((ref.argmax(-1) == yv).double().mean()) * 100,
+               "command": " ".join(["python", "benchmarks/vit_ptq_table.py"] + (argv if argv is not None else sys.argv[1:])),
+               "torch_threads": args.threads, "observation_s": float("nan"), "labels": yv.tolist(),
+               "fp32_pred": ref.argmax(-1).tolist()}
+    log(f"fp32 top1 {results['fp32_top1']:.2f}")
+    if not args.no_w8a8:
+        converted = w8a8(model, xc, xv, yv, ref, args, results)
+        if args.pte:
+            pte_check(converted, xv, yv, ref, args, results)
+    if args.coreml_w8a8:
+        coreml_w8a8(model, xc, xv, yv, ref, args, results)
+    if args.coreml_mixed:
+        coreml_mixed(model, xc, xv, yv, ref, args, results)
+    print(markdown(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=lambda o: str(o)))
+
+
+if __name__ == "__main__":
+    main()

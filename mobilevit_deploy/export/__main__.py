@@ -1,0 +1,84 @@
+"""`python -m mobilevit_deploy.export --target {coreml,executorch,onnx} [--model mobilevit_xxs]
+[--checkpoint PATH] [--num-classes N] [--out artifacts/] [--backend xnnpack|coreml] [--precision fp16|fp32]
+[--quant SCHEME [--calib-data DIR] [--calib-size N] [--keep-float LAYER,...|auto:N|none]]`
+
+Thin: parse, call `export_model`, print one line per stage. Exit 0 on success, 2 on bad input
+(one `error:` line, nothing written), 1 when the artifact was written but failed verification.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from ..cli import ArgumentParser, run_cli
+
+TARGETS = ("coreml", "executorch", "onnx")
+
+
+def _quiet():
+    """Silence the toolchain's import-time chatter (progress bars, 'untested version' warnings)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' MIL pass progress bars
+    os.environ.setdefault("ET_COREML_LOG_LEVEL", "ERROR")  # "exported with CoreML specification version 7" notice
+    import logging
+    import warnings
+
+    for name in ("coremltools", "torchao", "executorch", "onnxscript", "torch.onnx", "torch._export", "torch.export",
+                 "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+    for cat in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=cat)
+
+
+def build_parser():
+    p = ArgumentParser(
+        prog="python -m mobilevit_deploy.export",
+        description="Export a model to Core ML (.mlpackage), ExecuTorch (.pte) or ONNX (.onnx), verify it "
+                    "against PyTorch on the shipped sample images, and write a manifest beside it.",
+    )
+    p.add_argument("--target", required=True, choices=TARGETS, help="coreml | executorch | onnx")
+    p.add_argument("--model", default="mobilevit_xxs", help="registered model name (default: mobilevit_xxs)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help=".safetensors or .pt weights; default: the shipped weights, else untrained (warned)")
+    p.add_argument("--num-classes", type=int, default=None, metavar="N", help="classifier size of the checkpoint")
+    p.add_argument("--out", default="artifacts", metavar="DIR", help="output directory (default: artifacts/)")
+    p.add_argument("--backend", default=None,
+                   help="executorch: xnnpack (default, CPU) or coreml (ExecuTorch Core ML delegate for iOS)")
+    p.add_argument("--precision", default=None, choices=("fp16", "fp32"),
+                   help="Core ML compute precision (default fp16); ExecuTorch XNNPACK and ONNX are fp32")
+    p.add_argument("--quant", default=None, metavar="SCHEME",
+                   help="post-training quantization: executorch int8 | int8-dynamic; coreml w8 | palette6 | palette4 | "
+                        "int8 (see mobilevit_deploy/quantize)")
+    p.add_argument("--calib-data", default=None, metavar="DIR",
+                   help="calibration images (ImageFolder or a folder of images); default: the 40 shipped samples")
+    p.add_argument("--calib-size", type=int, default=None, metavar="N",
+                   help="calibration images to use (class-balanced, deterministic; default 256 with --calib-data)")
+    p.add_argument("--keep-float", default=None, metavar="LAYERS|auto:N",
+                   help="int8 schemes: leave these modules in float (comma-separated module paths or globs), "
+                        "'auto:N' for the N most sensitive by per-layer SQNR, or 'none'")
+    p.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the toolchain's own logs and progress bars")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.verbose:
+        _quiet()
+    from . import export_model
+
+    res = export_model(
+        args.model, args.target, out_dir=args.out, checkpoint=args.checkpoint, num_classes=args.num_classes,
+        backend=args.backend, precision=args.precision, verify=not args.no_verify,
+        quant=args.quant, calib_data=args.calib_data, calib_size=args.calib_size, keep_float=args.keep_float,
+    )
+    v = res.manifest.get("verification")
+    if v is not None and not v.get("passed", True):
+        print(f"error: {res.artifact.name} failed verification (kept for inspection; see {res.manifest_path})",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,62 @@
+"""One `torch.export` capture per export; every target lowers from the ExportedProgram it returns.
+
+The graph is captured at batch 1 with the DeployCfg's input size (static shapes: what a phone runs).
+For Core ML the captured module is `CoreMLClassifier(model)`: it ends in a softmax (so the
+classifier's `classLabel_probs` are probabilities, as Vision and Xcode expect) and, when the std is
+not the same for all channels, applies the per-channel part of the normalisation inside the graph,
+because a Core ML ImageType has only one scalar scale (see `channel_scale`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def example_input(deploy_cfg, batch: int = 1) -> torch.Tensor:
+    """A deterministic normalised-looking input of the DeployCfg's shape (values only steer tracing)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn((batch, *deploy_cfg.input_size), generator=g)
+
+
+def channel_scale(deploy_cfg) -> list[float] | None:
+    """Per-channel factors that turn the ImageType's scalar normalisation into the exact one.
+
+    The ImageType computes y = (pixel / 255 - mean) / mean(std) (`DeployCfg.scale_bias`); the model
+    needs (pixel / 255 - mean) / std_c = y * mean(std) / std_c. None when the std is uniform (exact
+    already, as for MobileViT).
+    """
+    std = [float(s) for s in deploy_cfg.std]
+    if max(std) - min(std) <= 1e-12 * max(abs(s) for s in std):
+        return None
+    s_mean = sum(std) / 3.0
+    return [s_mean / s for s in std]
+
+
+class CoreMLClassifier(nn.Module):
+    """`softmax(model(x * channel_scale))`: what the Core ML classifier wraps."""
+
+    def __init__(self, model: nn.Module, deploy_cfg):
+        super().__init__()
+        self.model = model
+        cs = channel_scale(deploy_cfg)
+        self.has_channel_scale = cs is not None
+        self.register_buffer("channel_scale", torch.tensor(cs or [1.0, 1.0, 1.0]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        if self.has_channel_scale:
+            x = x * self.channel_scale
+        return torch.softmax(self.model(x), dim=-1)
+
+
+def module_for_target(model: nn.Module, deploy_cfg, target: str) -> nn.Module:
+    """The module to capture for `target`: the model itself, or `CoreMLClassifier(model)` for coreml."""
+    if target == "coreml":
+        return CoreMLClassifier(model, deploy_cfg).eval()
+    return model
+
+
+def capture(module: nn.Module, deploy_cfg, *, batch: int = 1) -> "torch.export.ExportedProgram":
+    """`torch.export.export(module.eval(), (example_input,))` with the DeployCfg's static shape."""
+    module = module.eval()
+    x = example_input(deploy_cfg, batch)
+    return torch.export.export(module, (x,))

@@ -1,0 +1,187 @@
+"""Run an exported artifact from Python: `load_artifact(path, num_threads=None) -> Runner`.
+
+A Runner is callable on a normalised float32 tensor [N, 3, H, W] (the DeployCfg's preprocessing,
+`mobilevit_deploy.data.load_batch`) and returns logits [N, C]. Artifacts are exported with batch 1,
+so a batch is run one image at a time.
+
+- `.pte`: ExecuTorch runtime (`executorch.runtime`). XNNPACK runs on ExecuTorch's process-wide
+  threadpool; `num_threads` resets that pool (`_unsafe_reset_threadpool`, which affects every
+  ExecuTorch program in the process). Left at None, the pool keeps whatever size ExecuTorch chose —
+  on this 2-core machine that was 1 thread, so pass `num_threads` when comparing runtimes. The
+  actual size is in `runner.num_threads`.
+- `.onnx`: ONNX Runtime, CPUExecutionProvider, `intra_op_num_threads=num_threads` (None: ORT's
+  default, one thread per core).
+- `.mlpackage`: Core ML, macOS only (raises UserError elsewhere). The model ends in a softmax, so the
+  runner returns log-probabilities (`output_kind == "log_probabilities"`: logits up to a per-row
+  constant, same argmax).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+SUFFIXES = (".pte", ".onnx", ".mlpackage")
+
+
+class Runner:
+    """Base class: `runner(x) -> logits`. Subclasses set `kind`, `input_shape`, `num_threads`."""
+
+    kind = "?"
+    output_kind = "logits"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.input_shape: tuple[int, ...] = ()
+        self.num_threads: int | None = None
+
+    @property
+    def manifest(self) -> dict | None:
+        """The manifest beside the artifact, or None."""
+        from .export.manifest import manifest_path_for, read_manifest
+
+        p = manifest_path_for(self.path)
+        return read_manifest(p) if p.is_file() else None
+
+    def _check(self, x):
+        import torch
+
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise UserError(f"{self.path.name}: expected a float32 tensor [N, 3, H, W], got "
+                            f"{type(x).__name__}{list(x.shape) if hasattr(x, 'shape') else ''}")
+        want = tuple(self.input_shape[1:])
+        if want and tuple(x.shape[1:]) != want:
+            raise UserError(f"{self.path.name} takes [N, {', '.join(map(str, want))}] inputs, got {list(x.shape)}")
+        return x.detach().to(torch.float32).contiguous()
+
+    def run_one(self, x):  # x: [1, 3, H, W]
+        raise NotImplementedError
+
+    def __call__(self, x):
+        import torch
+
+        x = self._check(x)
+        return torch.cat([self.run_one(x[i:i + 1]) for i in range(x.shape[0])], dim=0)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({str(self.path)!r}, input_shape={self.input_shape}, num_threads={self.num_threads})"
+
+
+class ExecuTorchRunner(Runner):
+    kind = "executorch"
+
+    def __init__(self, path: Path, num_threads: int | None = None):
+        super().__init__(path)
+        from executorch.runtime import Runtime
+
+        from executorch.extension.pybindings import portable_lib
+
+        if num_threads is not None:
+            portable_lib._unsafe_reset_threadpool(int(num_threads))
+        self.num_threads = int(portable_lib._threadpool_get_thread_count())
+        runtime = Runtime.get()
+        try:
+            self._program = runtime.load_program(str(self.path))
+            self._method = self._program.load_method("forward")
+        except Exception as e:
+            raise UserError(_explain_pte_failure(self.path, runtime, e)) from e
+        meta = self._method.metadata
+        self.input_shape = tuple(meta.input_tensor_meta(0).sizes())
+        self.output_shape = tuple(meta.output_tensor_meta(0).sizes())
+
+    def run_one(self, x):
+        out = self._method.execute([x])
+        return out[0].clone()  # the output may live in the method's planned memory, reused next call
+
+
+def _explain_pte_failure(path, runtime, err) -> str:
+    try:
+        from .export.executorch import inspect_pte
+
+        delegates = set(inspect_pte(path)["delegates"])
+    except Exception:
+        delegates = set()
+    have = set(runtime.backend_registry.registered_backend_names)
+    missing = sorted(delegates - have)
+    if missing:
+        return (f"cannot run {path.name} here: it is delegated to {', '.join(missing)}, which the ExecuTorch "
+                f"runtime on {sys.platform} does not provide (available: {', '.join(sorted(have))})")
+    return f"cannot load {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+class OnnxRuntimeRunner(Runner):
+    kind = "onnxruntime"
+
+    def __init__(self, path: Path, num_threads: int | None = None):
+        super().__init__(path)
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if num_threads is not None:
+            so.intra_op_num_threads = int(num_threads)
+            so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self._sess = ort.InferenceSession(str(self.path), sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise UserError(f"cannot load {self.path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        self.num_threads = int(num_threads) if num_threads is not None else None
+        inp = self._sess.get_inputs()[0]
+        self._input_name = inp.name
+        self.input_shape = tuple(d if isinstance(d, int) else -1 for d in inp.shape)
+        self._dynamic_batch = self.input_shape[0] == -1
+
+    def run_one(self, x):
+        import torch
+
+        return torch.from_numpy(self._sess.run(None, {self._input_name: x.numpy()})[0])
+
+    def __call__(self, x):
+        import torch
+
+        if self._dynamic_batch:
+            x = self._check(x)
+            return torch.from_numpy(self._sess.run(None, {self._input_name: x.numpy()})[0])
+        return super().__call__(x)
+
+
+class CoreMLRunner(Runner):
+    kind = "coreml"
+    output_kind = "log_probabilities"
+
+    def __init__(self, path: Path, num_threads: int | None = None, compute_units: str = "CPU_ONLY"):
+        super().__init__(path)
+        from .export.coreml import load_for_predict
+
+        self._model = load_for_predict(path, compute_units)  # raises UserError off macOS
+        from .models import DeployCfg
+
+        m = self.manifest
+        if m is None or "deploy_cfg" not in m:
+            raise UserError(f"{path.name}: the Core ML runner needs the manifest beside it (for the input normalisation)")
+        self.deploy_cfg = DeployCfg.from_dict(m["deploy_cfg"])
+        self.input_shape = (1, *self.deploy_cfg.input_size)
+
+    def run_one(self, x):
+        from .export.coreml import predict_probs
+
+        return predict_probs(self._model, x, self.deploy_cfg).clamp_min(1e-30).log()
+
+
+def load_artifact(path: str | os.PathLike, num_threads: int | None = None) -> Runner:
+    """A Runner for a `.pte`, `.onnx` or (macOS only) `.mlpackage` artifact."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"artifact not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise UserError(f"unknown artifact type {p.name!r} (choose from: {', '.join(SUFFIXES)})")
+    if num_threads is not None and int(num_threads) < 1:
+        raise UserError(f"num_threads must be >= 1, got {num_threads}")
+    if suffix == ".pte":
+        return ExecuTorchRunner(p, num_threads)
+    if suffix == ".onnx":
+        return OnnxRuntimeRunner(p, num_threads)
+    return CoreMLRunner(p, num_threads)

@@ -1,0 +1,61 @@
+"""Turn a finished run into the package's shipped default weights.
+
+    python -m mobilevit_deploy.train.ship --run runs/NAME --val ../shared/data/cifar10/val [--tag cifar10]
+
+Writes `mobilevit_deploy/assets/weights/<model>_<tag>.safetensors` (fp16) and `<same stem>.json` with
+model, recipe, data, epochs, val_top1, sha256, deploy_cfg (the schema read by
+`mobilevit_deploy.pretrained`). `val_top1` is measured here on the fp16-rounded file with
+`mobilevit_deploy.evaluate.evaluate` -- the same code and preprocessing (`data.eval_transform`) as
+`python -m mobilevit_deploy.evaluate --data VAL`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..cli import ArgumentParser, run_cli
+from ..errors import UserError
+
+
+def ship(run: str | Path, val: str | Path, tag: str = "cifar10", dest: str | Path | None = None, progress: bool = True) -> dict:
+    import torch
+
+    from ..checkpoint import atomic_write, file_sha256, load_state_dict, save_safetensors
+    from ..evaluate import evaluate
+    from ..models import DeployCfg
+    from ..pretrained import WEIGHTS_DIR
+
+    run = Path(run)
+    src, meta_src = run / "model.safetensors", run / "model.json"
+    if not src.is_file() or not meta_src.is_file():
+        raise UserError(f"{run} has no finished model.safetensors + model.json")
+    meta = json.loads(meta_src.read_text())
+    dest = Path(dest) if dest else WEIGHTS_DIR
+    stem = f"{meta['model']}_{tag}"
+    sd = {k: (v.to(torch.float16) if v.is_floating_point() else v) for k, v in load_state_dict(src).items()}
+    w = save_safetensors(sd, dest / f"{stem}.safetensors")
+    dcfg = DeployCfg.from_dict(meta["deploy_cfg"])
+    r = evaluate(val, checkpoint=w, model=meta["model"], deploy_cfg=dcfg, progress=progress)
+    out = {"model": meta["model"], "recipe": f"recipes/{meta['recipe']}" if meta.get("recipe", "").endswith(".yaml") else meta.get("recipe"),
+           "data": meta["data"], "epochs": meta["epochs"], "val_top1": round(r.top1, 2),
+           "val_images": r.total, "val_top1_note": f"python -m mobilevit_deploy.evaluate --data {val} (fp16 weights, eval_transform(deploy_cfg))",
+           "train_val_top1_fp32": meta.get("val_top1"), "weights": meta.get("weights"),
+           "sha256": file_sha256(w), "deploy_cfg": dcfg.to_dict()}
+    atomic_write(dest / f"{stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1) + "\n"))
+    return out
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(prog="python -m mobilevit_deploy.train.ship", description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="a finished training output directory")
+    p.add_argument("--val", required=True, help="validation directory of class folders, for the recorded top-1")
+    p.add_argument("--tag", default="cifar10")
+    p.add_argument("--dest", help="destination folder (default: the package's assets/weights)")
+    a = p.parse_args(argv)
+    out = ship(a.run, a.val, a.tag, a.dest)
+    print(json.dumps({k: v for k, v in out.items() if k != "deploy_cfg"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,77 @@
+"""Shared fixtures (keep small and additive: several test files use them)."""
+from __future__ import annotations
+
+import pytest
+
+
+def make_tiny_model(size: int = 32, num_classes: int = 10, mean=None, std=None, seed: int = 0):
+    """A small conv + attention + LayerNorm classifier with a `.deploy_cfg`: fast to export anywhere.
+
+    Written like the real models (explicit matmul/softmax attention, keepdim spatial mean) so it
+    exercises the same lowering paths at a fraction of the cost.
+    """
+    import torch
+    from torch import nn
+
+    from mobilevit_deploy.models import CIFAR10_LABELS, DeployCfg
+
+    class TinyViT(nn.Module):
+        def __init__(self, dim=32, heads=2):
+            super().__init__()
+            self.heads = heads
+            self.stem = nn.Sequential(nn.Conv2d(3, dim, 3, 2, 1), nn.BatchNorm2d(dim), nn.SiLU())
+            self.norm = nn.LayerNorm(dim)
+            self.qkv = nn.Linear(dim, dim * 3)
+            self.proj = nn.Linear(dim, dim)
+            self.head = nn.Linear(dim, num_classes)
+
+        def forward_features(self, x):
+            x = self.stem(x)
+            b, c, h, w = x.shape
+            t = x.flatten(2).transpose(1, 2)
+            qkv = self.qkv(self.norm(t)).reshape(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            a = torch.softmax((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5, dim=-1)
+            t = t + self.proj((a @ v).transpose(1, 2).reshape(b, h * w, c))
+            return t.transpose(1, 2).reshape(b, c, h, w)
+
+        def forward_head(self, f):
+            return self.head(f.mean((2, 3), keepdim=True).flatten(1))
+
+        def forward(self, x):
+            return self.forward_head(self.forward_features(x))
+
+    torch.manual_seed(seed)
+    m = TinyViT().eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding them is actually tested
+        bn = m.stem[1]
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        m.head.weight.mul_(20.0)  # logits spread well apart: top-1 is a meaningful comparison
+    kw = {}
+    if mean is not None:
+        kw["mean"] = tuple(mean)
+    if std is not None:
+        kw["std"] = tuple(std)
+    labels = CIFAR10_LABELS if num_classes == 10 else ()
+    m.deploy_cfg = DeployCfg(input_size=(3, size, size), num_classes=num_classes, labels=labels, **kw)
+    return m
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def xxs_small():
+    """mobilevit_xxs (untrained, seeded), 10 CIFAR-10 classes, at 64x64: the real model, cheaply."""
+    from dataclasses import replace
+
+    import torch
+
+    from mobilevit_deploy.models import CIFAR10_LABELS, create_model, get_deploy_cfg
+
+    cfg = replace(get_deploy_cfg("mobilevit_xxs", 10, CIFAR10_LABELS), input_size=(3, 64, 64))
+    torch.manual_seed(0)
+    return create_model("mobilevit_xxs", deploy_cfg=cfg)

@@ -1,0 +1,226 @@
+"""MobileViT v1 (mobilevit_xxs/xs/s): shapes, exact timm parameter counts and state-dict keys,
+numerics of the MobileViT block against an independent reference, torch.export, checkpoints.
+
+`fixtures/timm_mobilevit_keys.json` holds {variant: {key: shape}} dumped from timm's own
+`timm.create_model(variant).state_dict()` (timm was run once outside this environment; it is not a
+dependency). Exports of xs/s and the extra sizes are marked slow.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mobilevit_deploy.checkpoint import save_safetensors
+from mobilevit_deploy.errors import CheckpointError
+from mobilevit_deploy.models import create_model, get_deploy_cfg, list_models
+from mobilevit_deploy.models.layers import Attention
+from mobilevit_deploy.models.mobilevit import MobileVitBlock
+
+VARIANTS = ["mobilevit_xxs", "mobilevit_xs", "mobilevit_s"]
+# Published parameter counts of timm's mobilevit_xxs / xs / s with 1000 classes.
+TIMM_PARAMS = {"mobilevit_xxs": 1_272_024, "mobilevit_xs": 2_317_848, "mobilevit_s": 5_578_632}
+NUM_FEATURES = {"mobilevit_xxs": 320, "mobilevit_xs": 384, "mobilevit_s": 640}
+FIXTURE = Path(__file__).parent / "fixtures" / "timm_mobilevit_keys.json"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are small: one intra-op thread avoids OpenMP spin-waiting on a shared 2-core
+    # machine (10x the CPU time under load). Restored for the rest of the session.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights *and* BN statistics, so nothing equals the default init by accident."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                r = torch.rand(v.shape, generator=g) + 0.5 if k.endswith("running_var") else torch.randn(v.shape, generator=g) * 0.2
+                v.copy_(r)
+    return model.eval()
+
+
+def test_registered():
+    assert set(VARIANTS) <= set(list_models())
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_deploy_cfg_matches_timm_pretrained_cfg(name):
+    cfg = get_deploy_cfg(name)
+    assert cfg.input_size == (3, 256, 256)
+    assert cfg.mean == (0.0, 0.0, 0.0) and cfg.std == (1.0, 1.0, 1.0)
+    assert cfg.crop_pct == 0.9 and cfg.interpolation == "bicubic" and cfg.num_classes == 1000
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_param_count_equals_timm(name):
+    model = create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == TIMM_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_state_dict_keys_and_shapes_equal_timm(name):
+    expected = json.loads(FIXTURE.read_text())["models"][name]
+    got = {k: list(v.shape) for k, v in create_model(name).state_dict().items()}
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    assert not missing and not extra, f"missing {missing[:5]}, unexpected {extra[:5]}"
+    wrong = {k: (got[k], expected[k]) for k in expected if got[k] != expected[k]}
+    assert not wrong, f"shape mismatches (ours, timm): {dict(list(wrong.items())[:5])}"
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_forward_shapes(name):
+    model = create_model(name)
+    nf = NUM_FEATURES[name]
+    with torch.no_grad():
+        for batch, size, grid in ((1, 256, 8), (2, 64, 2), (1, 96, 3)):  # 96: 3x3 at stride 32 -> resized patches
+            x = torch.randn(batch, 3, size, size)
+            feats = model.forward_features(x)
+            assert feats.shape == (batch, nf, grid, grid)
+            logits = model(x)
+            assert logits.shape == (batch, 1000)
+            assert torch.isfinite(logits).all()
+            torch.testing.assert_close(model.forward_head(feats), logits, rtol=0, atol=0)
+    small = create_model(name, num_classes=10)
+    assert small(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+def test_train_step_reaches_every_parameter():
+    model = create_model("mobilevit_xxs", num_classes=10, drop_path_rate=0.1).train()
+    loss = F.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.tensor([1, 7]))
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad, no_grad[:5]
+
+
+def test_unfold_groups_same_offset_pixels_and_fold_inverts():
+    blk = MobileVitBlock(8, 16, transformer_depth=1, patch_size=2)
+    x = torch.randn(2, 16, 6, 10)  # [B, C, H, W]
+    seqs = blk.unfold(x)  # [B * 4, N, C]
+    assert seqs.shape == (8, 15, 16)
+    for b in range(2):
+        for i in range(2):
+            for j in range(2):
+                expect = x[b, :, i::2, j::2].flatten(1).T  # pixels at offset (i, j) of every patch, [N, C]
+                torch.testing.assert_close(seqs[b * 4 + i * 2 + j], expect, rtol=0, atol=0)
+    torch.testing.assert_close(blk.fold(seqs, 2, 6, 10), x, rtol=0, atol=0)
+
+
+def _reference_attention(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Textbook multi-head attention on [B, N, C] with the module's weights (fused SDPA)."""
+    B, N, C = x.shape
+    h = attn.num_heads
+    q, k, v = attn.qkv(x).reshape(B, N, 3, h, C // h).permute(2, 0, 3, 1, 4)  # each [B, h, N, d]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias[None])
+    return attn.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+def test_attention_matches_textbook_reference():
+    torch.manual_seed(0)
+    attn = Attention(48, num_heads=4, qkv_bias=True).eval()
+    x = torch.randn(3, 10, 48)
+    bias = torch.randn(4, 10, 10)  # per-head additive bias, e.g. a relative position bias
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), _reference_attention(attn, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(attn(x, attn_bias=bias[:, None]), _reference_attention(attn, x, bias), rtol=1e-5, atol=1e-5)
+
+
+def _reference_mobilevit_block(blk: MobileVitBlock, x: torch.Tensor) -> torch.Tensor:
+    """The paper's block written naively: one transformer pass per pixel offset via strided slicing."""
+    shortcut = x
+    y = blk.conv_1x1(blk.conv_kxk(x))
+    B, C, H, W = y.shape
+    p = blk.patch_size
+    out = torch.empty_like(y)
+    for i in range(p):
+        for j in range(p):
+            seq = y[:, :, i::p, j::p].flatten(2).transpose(1, 2)  # [B, N, C]
+            for tb in blk.transformer:
+                seq = seq + _reference_attention(tb.attn, tb.norm1(seq))
+                seq = seq + tb.mlp(tb.norm2(seq))
+            out[:, :, i::p, j::p] = blk.norm(seq).transpose(1, 2).reshape(B, C, H // p, W // p)
+    return blk.conv_fusion(torch.cat((shortcut, blk.conv_proj(out)), dim=1))
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (4, 6)])
+def test_mobilevit_block_matches_naive_reference(hw):
+    model = _randomize_(create_model("mobilevit_xxs"))
+    blk = model.stages[3][1]  # 64 channels, transformer dim 80, depth 4
+    x = torch.randn(2, 64, *hw)
+    with torch.no_grad():
+        ref = _reference_mobilevit_block(blk, x)
+        torch.testing.assert_close(blk(x), ref, rtol=1e-4, atol=1e-4)
+        assert (ref - blk.conv_fusion(torch.cat((x, blk.conv_proj(blk.conv_1x1(blk.conv_kxk(x)))), 1))).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_checkpoint_round_trip(name, tmp_path):
+    model = _randomize_(create_model(name), seed=1)
+    path = save_safetensors(model.state_dict(), tmp_path / f"{name}.safetensors")
+    loaded = create_model(name, checkpoint=str(path))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(loaded(x), expected)
+        assert not torch.allclose(create_model(name)(x), expected)  # the weights did matter
+
+
+def test_mismatched_checkpoint_names_keys(tmp_path):
+    xxs = create_model("mobilevit_xxs")
+    path = save_safetensors(xxs.state_dict(), tmp_path / "xxs.safetensors")
+    with pytest.raises(CheckpointError, match=r"shape mismatch") as e:
+        create_model("mobilevit_xs", checkpoint=str(path))
+    assert re.search(r"stages\.\d+\.\d+\.\S+ \(", str(e.value)), str(e.value)
+
+    with pytest.raises(CheckpointError, match=r"head\.fc\.weight"):
+        create_model("mobilevit_xxs", num_classes=10, checkpoint=str(path))
+
+    sd = xxs.state_dict()
+    del sd["stages.4.1.transformer.2.attn.qkv.weight"]
+    partial = save_safetensors(sd, tmp_path / "partial.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing keys.*stages\.4\.1\.transformer\.2\.attn\.qkv\.weight"):
+        create_model("mobilevit_xxs", checkpoint=str(partial))
+
+
+_slow = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name,size", [
+    ("mobilevit_xxs", 256),
+    ("mobilevit_xxs", 96),
+    pytest.param("mobilevit_xxs", 64, marks=_slow),
+    pytest.param("mobilevit_xs", 256, marks=_slow),
+    pytest.param("mobilevit_xs", 64, marks=_slow),
+    pytest.param("mobilevit_xs", 96, marks=_slow),
+    pytest.param("mobilevit_s", 256, marks=_slow),
+    pytest.param("mobilevit_s", 64, marks=_slow),
+    pytest.param("mobilevit_s", 96, marks=_slow),
+])
+def test_torch_export(name, size):
+    model = create_model(name)
+    x = torch.randn(1, 3, size, size)
+    ep = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+    # Export IR (cheap): no fused SDPA, no 4-D matmul (it decomposes to expand + bmm), no F.unfold,
+    # and no tensor above 4-D (Core ML and XNNPACK handle <= 4-D layouts best).
+    banned = r"scaled_dot_product|matmul|expand|squeeze|im2col|col2im|unfold"
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not [o for o in ops if re.search(banned, o)], sorted(ops)
+    ranks = [n.meta["val"].dim() for n in ep.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    assert max(ranks) <= 4
+    # patch resizing appears only when the stride-32 map is not a multiple of the 2x2 patch
+    assert any("upsample" in o for o in ops) == (size % 64 != 0), sorted(ops)
+    if size == 256:  # core ATen, what ExecuTorch lowers (decomposition costs as much as the export)
+        core_ops = {str(n.target) for n in ep.run_decompositions().graph.nodes if n.op == "call_function"}
+        assert not [o for o in core_ops if re.search(banned, o)], sorted(core_ops)
