@@ -268,6 +268,8 @@ def train(cfg: TrainConfig, *, data: str | os.PathLike | None = None, out: str |
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model.name, deploy_cfg=dcfg, checkpoint=cfg.model.init_checkpoint, **cfg.model.kwargs)
         model.to(device).train()
+        mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        model.to(memory_format=mf)
         teacher = None
         crit = TrainLoss(cfg.label_smoothing, cfg.distill.ce_weight, cfg.distill.kd_weight, cfg.distill.kd_temperature,
                          cfg.distill.manifold_weight, cfg.distill.manifold_patch, cfg.distill.manifold_sample,
@@ -275,6 +277,7 @@ def train(cfg: TrainConfig, *, data: str | os.PathLike | None = None, out: str |
         if cfg.distill.teacher:
             teacher = create_model(cfg.distill.teacher, num_classes=len(classes), labels=classes,
                                    checkpoint=cfg.distill.teacher_checkpoint, **cfg.distill.teacher_kwargs).to(device).eval()
+            teacher.to(memory_format=mf)
             for p in teacher.parameters():
                 p.requires_grad_(False)
         net = _WithFeatures.wrap(model) if crit.needs_features else model
@@ -351,7 +354,7 @@ def train(cfg: TrainConfig, *, data: str | os.PathLike | None = None, out: str |
                 lr = lr_at(cfg, epoch + i / steps, global_step, warmup_epochs)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = x.to(device, non_blocking=True, memory_format=mf), y.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     out_ = net(x)
                     logits, feats = out_ if crit.needs_features else (out_, None)
