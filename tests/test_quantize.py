@@ -115,7 +115,7 @@ def _image_folder(root: Path, per_class: int = 4) -> Path:
 
 def test_registry_and_configs():
     assert list_schemes("executorch") == ["int8", "int8-dynamic"]
-    assert list_schemes("coreml") == ["int8", "palette4", "palette6", "w8"]
+    assert list_schemes("coreml") == ["int8", "palette-mixed", "palette4", "palette6", "w8"]
     assert get_config("coreml", "palette4") == CoreMLPaletteConfig(nbits=4)
     assert get_config("coreml", "palette6").scheme == "palette6"
     c = get_config("executorch", "int8", keep_float="auto:2,stem.*")
@@ -322,6 +322,18 @@ def test_coreml_scheme_end_to_end(exported, small, scheme):
         assert ops.get(kind, 0) == qb["torch_side_weights"]["weights_compressed"] > 0, ops
         spec_pb = ct.models.MLModel(str(res.artifact), skip_model_load=True).get_spec()
         assert spec_pb.description.metadata.userDefined["mobilevit_deploy.quantization"] == scheme
+
+
+@pytest.mark.parametrize("scheme", ["w8", "palette6", "palette4"])
+def test_coreml_weight_scheme_reference_runs_like_a_module(small, scheme):
+    """On macOS, verification compares Core ML with `reference` through `eager_logits` (which calls
+    `.eval()`): the torch-side simulation must behave like a module, and stay close to fp32."""
+    from mobilevit_deploy.verify import compare, eager_logits, sample_batch
+
+    q = quantize_model(small, get_config("coreml", scheme), deploy_cfg=small.deploy_cfg, progress=False)
+    x, _ = sample_batch(small.deploy_cfg, 8)
+    c = compare(eager_logits(small, x), eager_logits(q.reference, x))
+    assert c["sqnr_db"] > 10.0, c
 
 
 def test_palette_size_and_error_order(exported):

@@ -228,6 +228,8 @@ def export_model(
     calib_data=None,
     calib_size: int | None = None,
     keep_float: str | None = None,
+    calibration: str | None = None,
+    weight_bits_budget: float | None = None,
     model=None,
     deploy_cfg=None,
     verify: bool = True,
@@ -242,7 +244,9 @@ def export_model(
     compute precision ("fp16" default, or "fp32"); ExecuTorch XNNPACK and ONNX are fp32.
     Raises UserError (CheckpointError) for bad input before anything is written.
     `quant` names a scheme of `mobilevit_deploy.quantize` for the target (calibrated on `calib_data`,
-    or on the shipped sample images; `keep_float`: "LAYER,...", "auto:N" or "none").
+    or on the shipped sample images; `keep_float`: "LAYER,...", "auto:N" or "none"). `calibration`:
+    "minmax" (default) or "vit" (ViT-aware PTQ) for the calibrated W8A8 schemes (executorch/coreml
+    int8); `weight_bits_budget`: average weight bits of coreml palette-mixed (default 6.0).
     """
     log = log or (lambda s: None)
     t_total = time.perf_counter()
@@ -255,7 +259,14 @@ def export_model(
     if quant is not None:
         from ..quantize.export_hooks import validate
 
-        quant_args = validate(target, backend, quant, calib_data=calib_data, calib_size=calib_size, keep_float=keep_float)
+        quant_args = validate(target, backend, quant, calib_data=calib_data, calib_size=calib_size, keep_float=keep_float,
+                              calibration=calibration, weight_bits_budget=weight_bits_budget)
+    elif calibration is not None or weight_bits_budget is not None:
+        from ..quantize import schemes_accepting
+
+        flag, opt = (("--calibration", "calibration") if calibration is not None
+                     else ("--weight-bits-budget", "budget_avg_bits"))
+        raise UserError(f"{flag} needs --quant (it applies to: {', '.join(schemes_accepting(opt))})")
     elif calib_data is not None or calib_size is not None or keep_float is not None:
         raise UserError("calib_data/calib_size/keep_float need a quantization scheme (quant=...)")
     allowed = PRECISIONS[(target, backend)]
@@ -315,6 +326,8 @@ def _export(model, cfg, name, ckpt, target, backend, precision, verify, final, s
 
         mlmodel = coreml.convert(ep, cfg, precision=precision, minimum_deployment_target=dt, model_name=name)
         if q is not None and q.compress_mlmodel is not None:
+            # before verify and the manifest: palette-mixed plans on this MLModel and completes
+            # q.reference (the artifact's weights) and q.info (the plan) here
             mlmodel = q.compress_mlmodel(mlmodel)
         coreml.save(mlmodel, staged)
         extra["minimum_deployment_target"] = dt

@@ -1,6 +1,7 @@
 """`python -m mobilevit_deploy.export --target {coreml,executorch,onnx} [--model mobilevit_xxs]
 [--checkpoint PATH] [--num-classes N] [--out artifacts/] [--backend xnnpack|coreml] [--precision fp16|fp32]
-[--quant SCHEME [--calib-data DIR] [--calib-size N] [--keep-float LAYER,...|auto:N|none]]`
+[--quant SCHEME [--calib-data DIR] [--calib-size N] [--keep-float LAYER,...|auto:N|none]
+[--calibration minmax|vit] [--weight-bits-budget B]]`
 
 Thin: parse, call `export_model`, print one line per stage. Exit 0 on success, 2 on bad input
 (one `error:` line, nothing written), 1 when the artifact was written but failed verification.
@@ -48,7 +49,7 @@ def build_parser():
                    help="Core ML compute precision (default fp16); ExecuTorch XNNPACK and ONNX are fp32")
     p.add_argument("--quant", default=None, metavar="SCHEME",
                    help="post-training quantization: executorch int8 | int8-dynamic; coreml w8 | palette6 | palette4 | "
-                        "int8 (see mobilevit_deploy/quantize)")
+                        "palette-mixed | int8 (see mobilevit_deploy/quantize)")
     p.add_argument("--calib-data", default=None, metavar="DIR",
                    help="calibration images (ImageFolder or a folder of images); default: the 40 shipped samples")
     p.add_argument("--calib-size", type=int, default=None, metavar="N",
@@ -56,6 +57,12 @@ def build_parser():
     p.add_argument("--keep-float", default=None, metavar="LAYERS|auto:N",
                    help="int8 schemes: leave these modules in float (comma-separated module paths or globs), "
                         "'auto:N' for the N most sensitive by per-layer SQNR, or 'none'")
+    p.add_argument("--calibration", default=None, metavar="{minmax,vit}",
+                   help="int8 (W8A8) schemes: minmax (default, the quantizer's own observers) or vit (ViT-aware PTQ, "
+                        "Liu et al. 2021: searched steps + bias correction on the calibration images)")
+    p.add_argument("--weight-bits-budget", type=float, default=None, metavar="B",
+                   help="coreml palette-mixed: average weight bits over the palettized weights (default 6.0; "
+                        "per-layer 4/6/8-bit palettes)")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
     p.add_argument("-v", "--verbose", action="store_true", help="show the toolchain's own logs and progress bars")
     return p
@@ -63,6 +70,9 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # Before torch starts OpenMP: spinning worker threads make the many small ops of calibration and
+    # the ViT-PTQ search several times slower whenever the 2 cores are shared (measured, docs/training.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not args.verbose:
         _quiet()
     from . import export_model
@@ -71,6 +81,7 @@ def main(argv=None) -> int:
         args.model, args.target, out_dir=args.out, checkpoint=args.checkpoint, num_classes=args.num_classes,
         backend=args.backend, precision=args.precision, verify=not args.no_verify,
         quant=args.quant, calib_data=args.calib_data, calib_size=args.calib_size, keep_float=args.keep_float,
+        calibration=args.calibration, weight_bits_budget=args.weight_bits_budget,
     )
     v = res.manifest.get("verification")
     if v is not None and not v.get("passed", True):

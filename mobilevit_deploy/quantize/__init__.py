@@ -10,9 +10,14 @@
 Schemes per target (`list_schemes()`):
 - executorch: `int8` (pt2e static W8A8, XNNPACKQuantizer, calibrated), `int8-dynamic` (torchao
   `quantize_` + Int8DynamicActivationIntxWeightConfig on nn.Linear);
-- coreml: `w8` (int8 weights), `palette6`, `palette4` (k-means palettes), `int8` (W8A8 with
-  CoreMLQuantizer, calibrated, iOS 17).
+- coreml: `w8` (int8 weights), `palette6`, `palette4` (k-means palettes), `palette-mixed` (per-layer
+  4/6/8-bit palettes under an average-bits budget, `mixed_precision.py`; its sensitivity pass uses the
+  calibration images), `int8` (W8A8 with CoreMLQuantizer, calibrated, iOS 17).
 ONNX has no scheme yet.
+
+The two calibrated W8A8 schemes (executorch `int8`, coreml `int8`) take `calibration="minmax"` (the
+quantizer's own observers) or `"vit"` (ViT-aware PTQ, `vit_ptq.apply_vit_calibration`, run on the
+observed graph before convert_pt2e, on the same calibration images).
 
 Importing this package imports neither torch nor any toolchain; each scheme imports what it needs.
 """
@@ -25,8 +30,10 @@ from typing import Any, Callable
 from ..errors import UserError, choices_error
 from .calibration import DEFAULT_CALIB_SIZE, CalibrationSet, load_calibration
 from .configs import (
+    CALIBRATION_METHODS,
     DEFAULT_KEEP_FLOAT,
     CoreMLInt8Config,
+    CoreMLMixedPaletteConfig,
     CoreMLPaletteConfig,
     CoreMLWeightInt8Config,
     Int8DynamicConfig,
@@ -37,8 +44,8 @@ from .configs import (
 __all__ = [
     "SCHEMES", "list_schemes", "get_config", "quantize_model", "QuantizedModel", "load_calibration",
     "CalibrationSet", "accuracy_vs_fp32", "parse_keep_float", "Int8StaticConfig", "Int8DynamicConfig",
-    "CoreMLWeightInt8Config", "CoreMLPaletteConfig", "CoreMLInt8Config", "DEFAULT_CALIB_SIZE",
-    "ACCURACY_IMAGES", "VERIFY_MIN_SQNR_DB",
+    "CoreMLWeightInt8Config", "CoreMLPaletteConfig", "CoreMLInt8Config", "CoreMLMixedPaletteConfig",
+    "DEFAULT_CALIB_SIZE", "ACCURACY_IMAGES", "VERIFY_MIN_SQNR_DB", "CALIBRATION_METHODS", "schemes_accepting",
 ]
 
 # target -> scheme name -> config constructor (the CLI picks one by name; options are config fields)
@@ -48,6 +55,7 @@ SCHEMES: dict[str, dict[str, Callable[..., Any]]] = {
         "w8": CoreMLWeightInt8Config,
         "palette6": partial(CoreMLPaletteConfig, nbits=6),
         "palette4": partial(CoreMLPaletteConfig, nbits=4),
+        "palette-mixed": CoreMLMixedPaletteConfig,
         "int8": CoreMLInt8Config,
     },
     "onnx": {},
@@ -59,6 +67,15 @@ ACCURACY_IMAGES = 40
 # (is the lowering faithful?); pass threshold in dB. Measured on mobilevit_xxs (see benchmarks/ptq_*.md).
 VERIFY_MIN_SQNR_DB = {"executorch int8": 20.0, "executorch int8-dynamic": 30.0}
 VERIFY_MIN_SQNR_DB_DEFAULT = 20.0  # Core ML (only run on macOS: fp16 Core ML against the torch-side module)
+
+
+# config fields set by their own CLI flag (get_config names the flag and the schemes that take it)
+OPTION_FLAGS = {"calibration": "--calibration", "budget_avg_bits": "--weight-bits-budget"}
+
+
+def schemes_accepting(option: str) -> list[str]:
+    """'target scheme' of every scheme whose config has the field `option` (e.g. 'calibration')."""
+    return [f"{t} {s}" for t, tab in SCHEMES.items() for s, c in tab.items() if option in _fields(c)]
 
 
 def list_schemes(target: str | None = None) -> list[str] | dict[str, list[str]]:
@@ -96,6 +113,10 @@ def get_config(target: str, scheme: str, *, keep_float: str | tuple | None = Non
     elif "keep_float_auto" in fields:
         overrides.setdefault("keep_float", DEFAULT_KEEP_FLOAT[0])
         overrides.setdefault("keep_float_auto", DEFAULT_KEEP_FLOAT[1])
+    for opt, flag in OPTION_FLAGS.items():
+        if opt in overrides and opt not in fields:
+            raise UserError(f"{flag} does not apply to {target} {scheme} (it applies to: "
+                            f"{', '.join(schemes_accepting(opt))})")
     unknown = set(overrides) - set(fields)
     if unknown:
         raise UserError(f"unknown option(s) {', '.join(sorted(unknown))} for {target} {scheme} "
@@ -184,15 +205,28 @@ def _calibrated_pt2e(model, cfg, deploy_cfg, calib, progress, log, *, factory, m
             f"{cfg.keep_float_auto} most sensitive: {', '.join(auto_units)}")
     t = time.perf_counter()
     quantizer = factory(allow_filter(patterns) if patterns else None)
+    vit_summary: dict = {}
+    after_observe = None
+    if cfg.calibration == "vit":
+        after_observe = partial(_vit_calibration, calib=calib, deploy_cfg=deploy_cfg, batch_size=cfg.calib_batch_size,
+                                progress=progress, out=vit_summary)
     converted, seen = prepare_calibrate_convert(gm, quantizer, calib, deploy_cfg, batch_size=cfg.calib_batch_size,
-                                                progress=progress)
+                                                progress=progress, after_observe=after_observe)
     timings["calibrate"] = time.perf_counter() - t
+    if vit_summary:
+        timings["vit_search"] = vit_summary["seconds"]
+        method += ("; then ViT-aware PTQ (Liu et al. 2021, quantize/vit_ptq.py): per-layer weight/activation steps "
+                   "searched for the largest output correlation (ranking loss on attention scores) and bias correction, "
+                   "on the calibration images")
     kept = [u for u in units if matches(u, patterns)]
     qdq = count_qdq(converted)
     if qdq["quantize"] == 0:
         raise UserError(f"{cfg.scheme}: nothing was quantized (every layer kept in float?)")
     info = _base_info(cfg, method)
     info["calibration"] = {**calib.describe(), "images_seen": seen, "batch_size": cfg.calib_batch_size}
+    info["calibration_method"] = cfg.calibration
+    if vit_summary:
+        info["vit_ptq"] = vit_summary
     info["keep_float"] = {
         "patterns": list(cfg.keep_float), "auto": cfg.keep_float_auto, "auto_units": auto_units,
         "units": kept, "quantizable_units": len(units),
@@ -205,11 +239,51 @@ def _calibrated_pt2e(model, cfg, deploy_cfg, calib, progress, log, *, factory, m
         }
     info["qdq_nodes"] = qdq
     info["torch_side"] = torch_side
-    log(f"quantize: {cfg.scheme} calibrated on {seen} images from {calib.source}"
+    log(f"quantize: {cfg.scheme} calibrated ({cfg.calibration}) on {seen} images from {calib.source}"
         f"{' (shipped samples)' if calib.shipped else ''}; {len(kept)}/{len(units)} quantizable units kept in float"
         f"{': ' + ', '.join(kept) if kept else ''}")
+    if vit_summary:
+        o = vit_summary["objective"]
+        log(f"quantize: vit-ptq searched {vit_summary['layers_searched']} layers on {vit_summary['search_images']} "
+            f"calibration images ({vit_summary['observers_replaced']} observers replaced, "
+            f"{vit_summary['bias_corrected']} biases corrected; mean output correlation {o['mean_observer']:.5f} -> "
+            f"{o['mean_vit']:.5f}; {vit_summary['seconds']:.1f} s)")
     return QuantizedModel(cfg, converted, converted, info, minimum_deployment_target=min_target,
                           sensitivity=report, timings_s=timings)
+
+
+def _vit_calibration(prepared, *, calib, deploy_cfg, batch_size: int, progress: bool, out: dict) -> None:
+    """`apply_vit_calibration` on the observed graph, fed the same calibration images (the first
+    VitPTQConfig.search_images of them); a small summary of its report goes into `out`."""
+    from .calibration import calibration_batches
+    from .vit_ptq import VitPTQConfig, apply_vit_calibration, find_quant_layers
+
+    vcfg = VitPTQConfig()
+    if not find_quant_layers(prepared, vcfg.layer_kinds):
+        raise UserError("--calibration vit: no conv/linear/matmul layer is quantized (all kept in float?); "
+                        "use --calibration minmax or keep fewer layers in float")
+    batches = calibration_batches(calib, deploy_cfg, batch_size=batch_size, desc="vit-ptq search", progress=progress)
+    apply_vit_calibration(prepared, batches, vcfg, progress=False)
+    out.update(_vit_summary(prepared.meta["vit_ptq"]))
+
+
+def _vit_summary(rep: dict, top: int = 5) -> dict:
+    """The manifest's `vit_ptq` block: totals, the config, and the `top` layers the search changed most."""
+    layers = rep.get("layers", [])
+    gains = sorted(layers, key=lambda e: e["objective_vit"] - e["objective_observer"], reverse=True)[:top]
+
+    def mean(k):
+        return round(sum(e[k] for e in layers) / len(layers), 6) if layers else None
+
+    return {
+        "layers_searched": rep["n_layers"], "observers_replaced": rep["n_observers_replaced"],
+        "bias_corrected": rep["n_bias_corrected"], "search_images": rep["search_images"], "seconds": rep["seconds"],
+        "config": rep["config"],
+        "objective": {"what": "Pearson correlation of each layer's output with its float output (mean over layers)",
+                      "mean_observer": mean("objective_observer"), "mean_vit": mean("objective_vit")},
+        "largest_gains": [{"layer": e["layer"], "kind": e["kind"], "observer": e["objective_observer"],
+                           "vit": e["objective_vit"]} for e in gains],
+    }
 
 
 def _apply_int8_static(model, cfg: Int8StaticConfig, deploy_cfg, calib, progress, log):
@@ -260,12 +334,32 @@ def _apply_coreml_weights(model, cfg, deploy_cfg, calib, progress, log):
     return QuantizedModel(cfg, model, ref, info, compress_mlmodel=partial(compress_mlmodel, cfg=cfg))
 
 
+def _apply_coreml_mixed(model, cfg: CoreMLMixedPaletteConfig, deploy_cfg, calib, progress, log):
+    from .coreml_schemes import TORCH_SIDE_MIXED, describe_mixed, mixed_palette_compressor, program_weights_reference
+
+    calib = calib if calib is not None else load_calibration()
+    ref = program_weights_reference(model, deploy_cfg)
+    info = _base_info(cfg, describe_mixed(cfg))
+    info["calibration"] = {**calib.describe(), "used_for": "per-layer sensitivity (nuclear norms) of the bit allocation"}
+    info["torch_side"] = TORCH_SIDE_MIXED
+    q = QuantizedModel(cfg, model, ref, info)
+    # the per-layer plan needs the converted (uncompressed) Core ML program: it is made by
+    # compress_mlmodel in the lower stage, which also loads the palettized weights into `ref` and
+    # completes `info` (the export reads both only after compress_mlmodel ran)
+    q.compress_mlmodel = mixed_palette_compressor(model, cfg, deploy_cfg, calib, reference=ref, info=info,
+                                                  progress=progress, log=log)
+    log(f"quantize: palette-mixed, budget {cfg.budget_avg_bits:g} average weight bits over "
+        f"{'/'.join(map(str, cfg.choices))}-bit palettes; per-layer bits are planned on the converted Core ML program")
+    return q
+
+
 _HANDLERS = {
     Int8StaticConfig: _apply_int8_static,
     Int8DynamicConfig: _apply_int8_dynamic,
     CoreMLWeightInt8Config: _apply_coreml_weights,
     CoreMLPaletteConfig: _apply_coreml_weights,
     CoreMLInt8Config: _apply_coreml_int8,
+    CoreMLMixedPaletteConfig: _apply_coreml_mixed,
 }
 
 

@@ -101,8 +101,11 @@ def quantizable_units(gm, quantizer_factory: Callable[[Callable | None], object]
 
 
 def prepare_calibrate_convert(gm, quantizer, calib, deploy_cfg, *, batch_size: int, progress: bool = True,
-                              desc: str = "calibrating"):
-    """prepare_pt2e -> run the calibration images -> convert_pt2e. Returns (converted, images seen)."""
+                              desc: str = "calibrating", after_observe: Callable | None = None):
+    """prepare_pt2e -> run the calibration images -> convert_pt2e. Returns (converted, images seen).
+
+    `after_observe(prepared)`, when given, runs on the prepared and observed graph just before
+    convert_pt2e (e.g. `vit_ptq.apply_vit_calibration`, which rewrites its observers in place)."""
     from torchao.quantization.pt2e import allow_exported_model_train_eval, move_exported_model_to_eval  # noqa
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -110,6 +113,8 @@ def prepare_calibrate_convert(gm, quantizer, calib, deploy_cfg, *, batch_size: i
 
     prepared = prepare_pt2e(gm, quantizer)
     n = run_calibration(prepared, calib, deploy_cfg, batch_size=batch_size, progress=progress, desc=desc)
+    if after_observe is not None:
+        after_observe(prepared)
     converted = move_exported_model_to_eval(convert_pt2e(prepared))
     allow_exported_model_train_eval(converted)
     return QuantizedGraph(converted), n

@@ -4,6 +4,10 @@ Each config class names its `scheme` and `target`; `quantize_model(model, config
 (see `__init__.py`). Invalid values raise UserError at construction, so a bad scheme is refused
 before anything is exported.
 
+Calibration method (`calibration`) of the two calibrated W8A8 schemes: "minmax" (default) converts
+the quantizer's own observers as they are; "vit" runs `vit_ptq.apply_vit_calibration` (ViT-aware
+PTQ, Liu et al. 2021) on the observed graph before convert_pt2e (CLI: --calibration vit).
+
 Keep-in-float (`keep_float`, `keep_float_auto`) for the two calibrated W8A8 schemes: patterns over
 the *innermost module path* of each quantizable op (`fnmatch`): `stem.conv` matches exactly that
 module's ops, `stages.2.*` everything inside stage 2. `keep_float_auto=N` adds the N units ranked
@@ -18,7 +22,7 @@ from ..errors import UserError
 
 __all__ = [
     "Int8StaticConfig", "Int8DynamicConfig", "CoreMLWeightInt8Config", "CoreMLPaletteConfig", "CoreMLInt8Config",
-    "parse_keep_float", "DEFAULT_KEEP_FLOAT",
+    "CoreMLMixedPaletteConfig", "parse_keep_float", "DEFAULT_KEEP_FLOAT", "CALIBRATION_METHODS",
 ]
 
 # Measured default of --keep-float for the calibrated int8 schemes (benchmarks/ptq_mobilevit_xxs.md):
@@ -27,6 +31,8 @@ DEFAULT_KEEP_FLOAT: tuple[tuple[str, ...], int] = ((), 0)
 DEFAULT_KEEP_FLOAT_REASON = "not yet measured"
 
 _COREML_PALETTE_NBITS = (1, 2, 3, 4, 6, 8)
+# W8A8 calibration methods: the quantizer's own observers, or ViT-aware PTQ on top of them (vit_ptq.py)
+CALIBRATION_METHODS = ("minmax", "vit")
 
 
 def _check_keep_float(patterns, auto) -> tuple[tuple[str, ...], int]:
@@ -47,6 +53,16 @@ def _check_keep_float(patterns, auto) -> tuple[tuple[str, ...], int]:
 def _check_batch(n):
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise UserError(f"calib_batch_size must be a positive integer, got {n!r}")
+
+
+def _check_calibration(method):
+    if method not in CALIBRATION_METHODS:
+        raise UserError(f"unknown calibration method {method!r} (choose from: {', '.join(CALIBRATION_METHODS)})")
+
+
+def _check_threshold(n):
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise UserError(f"weight_threshold must be an integer >= 0, got {n!r}")
 
 
 class _Config:
@@ -75,6 +91,7 @@ class Int8StaticConfig(_Config):
     keep_float: tuple[str, ...] = ()
     keep_float_auto: int = 0
     calib_batch_size: int = 16
+    calibration: str = "minmax"  # minmax | vit (see the module docstring)
 
     def __post_init__(self):
         if not isinstance(self.per_channel, bool):
@@ -82,6 +99,7 @@ class Int8StaticConfig(_Config):
         kf, auto = _check_keep_float(self.keep_float, self.keep_float_auto)
         object.__setattr__(self, "keep_float", kf)
         _check_batch(self.calib_batch_size)
+        _check_calibration(self.calibration)
 
 
 @dataclass(frozen=True)
@@ -168,14 +186,63 @@ class CoreMLInt8Config(_Config):
     keep_float_auto: int = 0
     calib_batch_size: int = 16
     minimum_deployment_target: str = "iOS17"
+    calibration: str = "minmax"  # minmax | vit (see the module docstring)
 
     def __post_init__(self):
         kf, auto = _check_keep_float(self.keep_float, self.keep_float_auto)
         object.__setattr__(self, "keep_float", kf)
         _check_batch(self.calib_batch_size)
+        _check_calibration(self.calibration)
         if self.minimum_deployment_target not in ("iOS17", "iOS18", "macOS14", "macOS15"):
             raise UserError("minimum_deployment_target must be iOS17 or later (activation quantization), "
                             f"got {self.minimum_deployment_target!r}")
+
+
+@dataclass(frozen=True)
+class CoreMLMixedPaletteConfig(_Config):
+    """Core ML `palette-mixed`: per-layer 4/6/8-bit k-means palettes under an average-bits budget.
+
+    `mixed_precision.plan_mixed_precision` ranks the conv/linear weights by a nuclear-norm
+    sensitivity measured on the calibration images (hence `calibrated`) and the measured k-means
+    error of each width, and picks the bits per layer that minimise the sensitivity-weighted error
+    with sum(size * bits) <= budget_avg_bits * sum(size) over the palettized weights (those with more
+    than `weight_threshold` elements; smaller ones stay fp16, outside the budget). One LUT per tensor
+    (`palettize_weights` with one `OpPalettizerConfig` per op; iOS 16).
+    """
+
+    scheme: ClassVar[str] = "palette-mixed"
+    target: ClassVar[str] = "coreml"
+    calibrated: ClassVar[bool] = True
+
+    budget_avg_bits: float = 6.0
+    choices: tuple[int, ...] = (4, 6, 8)
+    weight_threshold: int = 2048
+    sensitivity_images: int = 32
+    calib_batch_size: int = 16
+
+    def __post_init__(self):
+        import math
+
+        choices = (self.choices,) if isinstance(self.choices, int) else tuple(self.choices)
+        if not choices or len(set(choices)) != len(choices) or any(
+                isinstance(b, bool) or b not in _COREML_PALETTE_NBITS for b in choices):
+            raise UserError(f"choices must be distinct bit widths from {', '.join(map(str, _COREML_PALETTE_NBITS))} "
+                            f"(Core ML LUT sizes), got {self.choices!r}")
+        choices = tuple(sorted(choices))
+        object.__setattr__(self, "choices", choices)
+        b = self.budget_avg_bits
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b):
+            raise UserError(f"--weight-bits-budget must be a number of average bits, got {b!r}")
+        lo, hi = choices[0], choices[-1]
+        if not lo <= b <= hi:
+            raise UserError(f"--weight-bits-budget {b:g} is {'below the smallest' if b < lo else 'above the largest'} "
+                            f"bit width offered ({', '.join(map(str, choices))}): give {lo} <= B <= {hi} average bits")
+        object.__setattr__(self, "budget_avg_bits", float(b))
+        _check_threshold(self.weight_threshold)
+        if isinstance(self.sensitivity_images, bool) or not isinstance(self.sensitivity_images, int) \
+                or self.sensitivity_images < 1:
+            raise UserError(f"sensitivity_images must be a positive integer, got {self.sensitivity_images!r}")
+        _check_batch(self.calib_batch_size)
 
 
 def parse_keep_float(text: str | None) -> tuple[tuple[str, ...], int] | None:

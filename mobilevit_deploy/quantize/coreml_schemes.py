@@ -3,6 +3,9 @@
 - `w8`, `palette6`, `palette4`: weight compression of the converted MLModel with
   `coremltools.optimize.coreml` (`linear_quantize_weights` / `palettize_weights`), applied between
   `export.coreml.convert` and `save`.
+- `palette-mixed`: per-layer 4/6/8-bit palettes under an average-bits budget
+  (`mixed_precision.plan_mixed_precision` on the converted, uncompressed MLModel, then
+  `palettize_weights` with the plan's per-op config), applied at the same point.
 - `int8`: W8A8 with ExecuTorch's `CoreMLQuantizer` on the pt2e graph (prepare -> calibrate ->
   convert); the q/dq graph converts to Core ML quantize/dequantize ops (iOS 17 target).
 
@@ -12,17 +15,26 @@ of these schemes are checked torch-side and the manifest says so:
   functions (the ones the MLModel pass calls) to the same weights of a BN-folded torch graph
   (weights with > `weight_threshold` elements and rank >= 2, as the Core ML pass selects them,
   rounded to fp16 first as Core ML stores them). fp16 *compute* is not simulated.
+- `palette-mixed`: the plan is only known once the MLModel exists, so the torch side is read back
+  from the artifact instead: every conv/linear weight of the palettized program (decompressed by
+  coremltools from the artifact's own LUTs) is copied into the BN-folded torch graph
+  (`program_weights_reference`; matched to the program's ops in order, shapes and the uncompressed
+  weights checked). fp16 compute and fp16 biases are not simulated.
 - `int8`: the converted pt2e module itself (the q/dq graph Core ML is given), run in PyTorch.
 """
 from __future__ import annotations
 
 from ..errors import UserError
-from .configs import CoreMLInt8Config, CoreMLPaletteConfig, CoreMLWeightInt8Config
+from .configs import CoreMLInt8Config, CoreMLMixedPaletteConfig, CoreMLPaletteConfig, CoreMLWeightInt8Config
 
 TORCH_SIDE_WEIGHTS = ("torch-side simulation: coremltools' own compress/decompress "
                       "(coremltools.optimize.coreml {fn}.blockwise_compress + decompress) applied to the "
                       "fp16-rounded weights of the BN-folded torch graph, evaluated in PyTorch fp32; the .mlpackage "
                       "itself cannot be run on Linux")
+TORCH_SIDE_MIXED = ("torch-side: the BN-folded torch graph with every conv/linear weight read back from the "
+                    "palettized Core ML program (coremltools decompresses the artifact's own per-layer LUTs), evaluated "
+                    "in PyTorch fp32 (fp16 compute and fp16 biases not simulated); the .mlpackage itself cannot be run "
+                    "on Linux")
 TORCH_SIDE_INT8 = ("torch-side: the converted pt2e q/dq module (CoreMLQuantizer) that Core ML is given, run in "
                    "PyTorch; the .mlpackage itself cannot be run on Linux")
 
@@ -53,13 +65,17 @@ def compress_mlmodel(mlmodel, cfg):
         out = linear_quantize_weights(mlmodel, config=oc)
     else:
         out = palettize_weights(mlmodel, config=oc)
-    # keep what export.coreml._describe set (descriptions, metadata)
+    return _keep_descriptions(mlmodel, out, cfg.scheme)
+
+
+def _keep_descriptions(mlmodel, out, scheme: str):
+    """Copy what export.coreml._describe set (descriptions, metadata) onto the compressed `out`."""
     try:
         out.short_description = mlmodel.short_description
         out.version = mlmodel.version
         for k, v in mlmodel.user_defined_metadata.items():
             out.user_defined_metadata[k] = v
-        out.user_defined_metadata["mobilevit_deploy.quantization"] = cfg.scheme
+        out.user_defined_metadata["mobilevit_deploy.quantization"] = scheme
         for k in ("image",):
             out.input_description[k] = mlmodel.input_description[k]
         for k in ("classLabel", "classLabel_probs"):
@@ -111,7 +127,7 @@ def simulate_weight_compression(model, cfg, deploy_cfg, *, progress: bool = True
     from torchao.quantization.pt2e.utils import _fuse_conv_bn_
     from tqdm.auto import tqdm
 
-    from ._pt2e import capture_dynamic_batch
+    from ._pt2e import QuantizedGraph, capture_dynamic_batch
 
     gm = capture_dynamic_batch(model, deploy_cfg)
     _fuse_conv_bn_(gm)  # Core ML's MIL passes fold BN into the conv weights before compression
@@ -139,7 +155,173 @@ def simulate_weight_compression(model, cfg, deploy_cfg, *, progress: bool = True
     if done == 0:
         raise UserError(f"{cfg.scheme}: no weight of this model has more than {cfg.weight_threshold} elements; "
                         "nothing would be compressed (lower weight_threshold)")
-    return gm, {"weights_compressed": done, "weights_left_fp16": skipped}
+    # a plain module: verify (macOS) and evaluate call .eval(), which an exported graph refuses
+    return QuantizedGraph(gm), {"weights_compressed": done, "weights_left_fp16": skipped}
+
+
+# ----------------------------------------------------------------------------- mixed-precision palettes
+
+def _reference_cls():
+    from torch import nn
+
+    class ProgramWeightsReference(nn.Module):
+        """The BN-folded torch graph of the model whose conv/linear weights are replaced by the ones
+        of a compressed Core ML program (`load_program_weights`); refuses to run before that."""
+
+        def __init__(self, gm, weight_targets):
+            super().__init__()
+            self.gm = gm
+            self.weight_targets = list(weight_targets)  # get_attr targets of the conv/linear weights, graph order
+            self.ready = False
+
+        def train(self, mode: bool = True):  # an exported graph refuses .train() / .eval()
+            self.training = False
+            return self
+
+        def load_program_weights(self, uncompressed, compressed) -> dict:
+            import numpy as np
+            import torch
+
+            from .mixed_precision import coreml_op_weights, coreml_weight_ops
+
+            ops = coreml_weight_ops(uncompressed)
+            if len(ops) != len(self.weight_targets):
+                raise UserError(f"palette-mixed: the Core ML program has {len(ops)} conv/linear ops but the torch "
+                                f"graph {len(self.weight_targets)}; cannot read the palettized weights back")
+            base, comp = coreml_op_weights(uncompressed), coreml_op_weights(compressed)
+            worst = 0.0
+            with torch.no_grad():
+                for (op, _, shape), tgt in zip(ops, self.weight_targets):
+                    t = _get_attr(self.gm, tgt)
+                    if tuple(t.shape) != tuple(shape) or op not in comp:
+                        raise UserError(f"palette-mixed: Core ML op {op} (weight {tuple(shape)}) does not match torch "
+                                        f"weight {tgt} {tuple(t.shape)}")
+                    # the program's uncompressed weight is this (BN-folded) torch weight, up to fp16 rounding
+                    ref = t.detach().numpy()
+                    scale = float(np.abs(ref).max()) or 1.0
+                    err = float(np.abs(base[op] - ref).max()) / scale
+                    if err > 2e-3:
+                        raise UserError(f"palette-mixed: Core ML op {op} does not hold torch weight {tgt} "
+                                        f"(max rel. diff {err:.2g}); cannot read the palettized weights back")
+                    worst = max(worst, err)
+                    t.copy_(torch.from_numpy(comp[op].reshape(t.shape)))
+            self.ready = True
+            return {"weights_read_back": len(ops), "max_rel_diff_uncompressed_vs_torch": worst}
+
+        def forward(self, x):
+            if not self.ready:
+                raise RuntimeError("palette-mixed: the torch-side reference gets the palettized weights from the "
+                                   "compressed Core ML program; run compress_mlmodel first")
+            return self.gm(x)
+
+    return ProgramWeightsReference
+
+
+_WEIGHT_OPS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default")
+
+
+def program_weights_reference(model, deploy_cfg):
+    """A `ProgramWeightsReference` of `model` (captured with a dynamic batch, BN folded as Core ML's
+    MIL passes fold it); see the module docstring."""
+    from torchao.quantization.pt2e.utils import _fuse_conv_bn_
+
+    from ._pt2e import QuantizedGraph, capture_dynamic_batch
+
+    gm = capture_dynamic_batch(model, deploy_cfg)
+    _fuse_conv_bn_(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    targets = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and str(n.target) in _WEIGHT_OPS:
+            w = n.args[1]
+            if getattr(w, "op", None) != "get_attr":
+                raise UserError(f"palette-mixed: layer {n.name} has a computed weight; not supported")
+            targets.append(w.target)
+    return _reference_cls()(gm, targets)
+
+
+def palettized_bits(mlmodel) -> dict[str, int]:
+    """{conv/linear op name: LUT bits} of the ops whose weight comes from a constexpr_lut_to_dense."""
+    import math
+
+    prog = mlmodel._mil_program
+    out = {}
+
+    def walk(block):
+        for op in block.operations:
+            for b in getattr(op, "blocks", []) or []:
+                walk(b)
+            if op.op_type in ("conv", "linear") and "weight" in op.inputs:
+                src = op.inputs["weight"].op
+                if src is not None and src.op_type == "constexpr_lut_to_dense":
+                    lut = src.inputs["lut"]
+                    entries = lut.shape[0] if lut.rank == 1 else lut.shape[-2]  # iOS16: [2^n]; iOS18: [..., 2^n, vec]
+                    out[op.name] = int(round(math.log2(int(entries))))
+
+    for f in prog.functions.values():
+        walk(f)
+    return out
+
+
+def mixed_palette_compressor(model, cfg: CoreMLMixedPaletteConfig, deploy_cfg, calib, *, reference, info: dict,
+                             progress: bool = True, log=None):
+    """`compress(mlmodel) -> palettized MLModel` for palette-mixed: plan_mixed_precision on the
+    uncompressed `mlmodel` with the first `cfg.sensitivity_images` calibration images, then
+    palettize_weights with the plan's per-op config. It loads the artifact's weights into
+    `reference` and adds the plan (`mixed_precision`) and the read-back (`torch_side_weights`) to
+    `info` (the manifest's quantization block)."""
+    log = log or (lambda s: None)
+
+    def compress(mlmodel):
+        import logging
+        import time
+
+        from coremltools.optimize.coreml import palettize_weights
+
+        from .calibration import calibration_batches
+        from .mixed_precision import MixedPrecisionConfig, average_bits, plan_mixed_precision
+
+        t = time.perf_counter()
+        batches, n = [], 0
+        for b in calibration_batches(calib, deploy_cfg, batch_size=cfg.calib_batch_size, desc="sensitivity",
+                                     progress=progress):
+            take = min(b.shape[0], cfg.sensitivity_images - n)
+            batches.append(b[:take])
+            n += take
+            if n >= cfg.sensitivity_images:
+                break
+        mcfg = MixedPrecisionConfig(budget_avg_bits=cfg.budget_avg_bits, choices=tuple(cfg.choices),
+                                    weight_threshold=cfg.weight_threshold, sensitivity_images=cfg.sensitivity_images)
+        plan = plan_mixed_precision(model, mlmodel, batches, mcfg)
+        t_plan = time.perf_counter() - t
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
+        out = _keep_descriptions(mlmodel, palettize_weights(mlmodel, plan.config), cfg.scheme)
+        # what the artifact holds: every planned layer palettized with its planned LUT size
+        got = palettized_bits(out)
+        want = {plan.op_names[k]: b for k, b in plan.bits.items()}
+        if got != want:
+            bad = sorted(set(got.items()) ^ set(want.items()))[:3]
+            raise UserError(f"palette-mixed: the palettized program does not follow the plan (e.g. {bad})")
+        read_back = reference.load_program_weights(mlmodel, out)
+        desc = plan.describe()
+        info["mixed_precision"] = {
+            "budget_avg_bits": cfg.budget_avg_bits, "choices": list(cfg.choices), **desc,
+            "avg_bits_artifact": round(average_bits({k: got[plan.op_names[k]] for k in plan.bits}, plan.sizes), 3),
+            "conv_linear_weights_left_fp16": len(plan.op_names) - len(plan.bits),
+            "sensitivity_images": n, "seconds_plan": round(t_plan, 2),
+            "seconds_palettize": round(time.perf_counter() - t - t_plan, 2),
+            "method": "Liu et al. 2021 Sec. 3.4: nuclear-norm sensitivity x measured k-means error per layer, "
+                      "minimised under the budget (multiple-choice knapsack)",
+        }
+        info["calibration"]["images_seen"] = n
+        info["torch_side_weights"] = read_back
+        log(f"quantize: palette-mixed plan: {desc['layers']} weight tensors at {desc['avg_bits']:.2f} average bits "
+            f"(budget {cfg.budget_avg_bits:g}), bits histogram {desc['histogram']}; sensitivity on {n} calibration "
+            f"images ({t_plan:.1f} s)")
+        return out
+
+    return compress
 
 
 def _get_attr(gm, target: str):
@@ -256,6 +438,12 @@ def describe_int8(cfg: CoreMLInt8Config) -> str:
     return ("torchao pt2e W8A8 (prepare_pt2e/convert_pt2e) with ExecuTorch's CoreMLQuantizer: int8 symmetric "
             "per-channel weights, uint8 activations (min/max observer), converted to Core ML quantize/dequantize "
             f"ops (minimum deployment target {cfg.minimum_deployment_target})")
+
+
+def describe_mixed(cfg: CoreMLMixedPaletteConfig) -> str:
+    return (f"coremltools.optimize.coreml.palettize_weights with one k-means palette per tensor and per-layer bit "
+            f"widths from {', '.join(map(str, cfg.choices))} under a {cfg.budget_avg_bits:g}-bit average budget "
+            f"(mixed_precision.plan_mixed_precision; tensors > {cfg.weight_threshold} elements), fp16 activations")
 
 
 def describe_weights(cfg) -> str:

@@ -22,23 +22,41 @@ from ..errors import UserError
 from . import ACCURACY_IMAGES, QuantizedModel, accuracy_vs_fp32, get_config, load_calibration, quantize_model
 
 
-def validate(target: str, backend: str, quant: str, *, calib_data=None, calib_size=None, keep_float=None) -> dict:
+def _options(calibration, weight_bits_budget) -> dict:
+    """Config fields set by their own CLI flag (None: not given, the scheme's default)."""
+    out = {}
+    if calibration is not None:
+        out["calibration"] = calibration
+    if weight_bits_budget is not None:
+        out["budget_avg_bits"] = weight_bits_budget
+    return out
+
+
+def validate(target: str, backend: str, quant: str, *, calib_data=None, calib_size=None, keep_float=None,
+             calibration: str | None = None, weight_bits_budget: float | None = None) -> dict:
     """Check the quantization arguments before anything is written (UserError / DataError);
     returns the keyword arguments of `prepare`."""
     if target == "executorch" and backend != "xnnpack":
         raise UserError(f"quantization schemes for executorch are lowered to XNNPACK; --backend {backend} "
                         "is not offered with --quant (use --target coreml --quant ... for Core ML)")
-    cfg = get_config(target, quant, keep_float=keep_float)
+    cfg = get_config(target, quant, keep_float=keep_float, **_options(calibration, weight_bits_budget))
     if cfg.calibrated:
         load_calibration(calib_data, calib_size)  # a missing or empty folder fails here, early
-    return {"quant": quant, "calib_data": calib_data, "calib_size": calib_size, "keep_float": keep_float}
+    return {"quant": quant, "calib_data": calib_data, "calib_size": calib_size, "keep_float": keep_float,
+            "calibration": calibration, "weight_bits_budget": weight_bits_budget}
 
 
 def prepare(model, deploy_cfg, *, target: str, backend: str, quant: str, calib_data=None, calib_size=None,
-            keep_float: str | None = None, progress: bool = True, log: Callable[[str], None] = print) -> QuantizedModel:
+            keep_float: str | None = None, calibration: str | None = None, weight_bits_budget: float | None = None,
+            progress: bool = True, log: Callable[[str], None] = print) -> QuantizedModel:
     """Validate and apply scheme `quant` for `target`/`backend`; raises UserError for bad input."""
-    validate(target, backend, quant, keep_float=keep_float)
-    cfg = get_config(target, quant, keep_float=keep_float)
+    opts = _options(calibration, weight_bits_budget)
+    validate(target, backend, quant, keep_float=keep_float, calibration=calibration,
+             weight_bits_budget=weight_bits_budget)
+    cfg = get_config(target, quant, keep_float=keep_float, **opts)
+    if "budget_avg_bits" in getattr(cfg, "__dataclass_fields__", {}) and weight_bits_budget is None:
+        log(f"quantize: {target} {quant}: no --weight-bits-budget given; using the default "
+            f"{cfg.budget_avg_bits:.1f} average weight bits")
     if cfg.calibrated:
         calib = load_calibration(calib_data, calib_size)
     else:
