@@ -119,7 +119,7 @@ def main(argv=None):
     ap.add_argument("--val", required=True, help="ImageFolder with the model's labels")
     ap.add_argument("--val-limit", type=int, default=None)
     ap.add_argument("--schemes", default="executorch:int8,executorch:int8-dynamic,coreml:w8,coreml:palette6,"
-                                          "coreml:palette4,coreml:int8")
+                                          "coreml:palette4,coreml:palette-mixed,coreml:int8")
     ap.add_argument("--keep-float-sweep", default="0,1,2,3,4,6",
                     help="k values: ExecuTorch int8 with the k most sensitive units kept in float")
     ap.add_argument("--threads", type=int, default=2)
