@@ -20,28 +20,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
-def _layer_norm_xnnpack(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
-    """LayerNorm over the last dim from ops XNNPACK delegates: a 4-D mean over dims (2, 3) is its
-    global average pooling; sub, mul, add, rsqrt are elementwise. Same maths as aten.layer_norm."""
-    import torch
-
-    shape = x.shape
-    x4 = x.reshape(1, -1, shape[-1], 1)  # [1, tokens, C, 1]
-    mu = x4.mean(dim=(2, 3), keepdim=True)
-    d = x4 - mu
-    var = (d * d).mean(dim=(2, 3), keepdim=True)
-    y = (d * torch.rsqrt(var + eps)).reshape(shape)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y
-
-
 def _decompose_layer_norm(ep):
+    """The export stage's LayerNorm rewrite (export/executorch.py), applied unconditionally."""
     import torch
 
-    return ep.run_decompositions({torch.ops.aten.layer_norm.default: _layer_norm_xnnpack})
+    from mobilevit_deploy.export.executorch import _layer_norm_for_xnnpack
+
+    return ep.run_decompositions({torch.ops.aten.layer_norm.default: _layer_norm_for_xnnpack})
 
 
 def lower_with_etrecord(model, cfg, out: Path, ln_decomp: bool = False):

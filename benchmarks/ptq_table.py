@@ -253,6 +253,8 @@ def main(argv=None):
     md = markdown(doc)
     print(md)
     if a.json:
+        from mobilevit_deploy.export.manifest import _jsonable
+
         Path(a.json).write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
     if a.md:
         Path(a.md).write_text(md + "\n")
@@ -261,18 +263,6 @@ def main(argv=None):
 
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
-
-
-def _jsonable(x):
-    import math
-
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def markdown(doc) -> str:

@@ -164,9 +164,15 @@ def test_img_size_kwarg_builds_bias_for_that_size(tmp_path, monkeypatch):
         assert out.shape == (1, 10)
         assert torch.equal(out, again(x))
     monkeypatch.undo()
+    # Without img_size the model is built for its DeployCfg's size, so the export and evaluate
+    # commands (which pass the deploy_cfg stored beside a checkpoint) load these weights as they are.
+    from_cfg = create_model("cmt_ti", deploy_cfg=cfg, checkpoint=str(path))
+    assert tuple(from_cfg.relative_pos_a.shape) == (1, 576, 9)
+    with torch.no_grad():
+        assert torch.equal(from_cfg(x), out)
     # Loaded into a model built for the default 160 px, the bias shapes do not match: a clear error.
     with pytest.raises(CheckpointError, match="relative_pos_a"):
-        create_model("cmt_ti", deploy_cfg=cfg, checkpoint=str(path))
+        create_model("cmt_ti", checkpoint=str(path))
 
 
 def test_other_input_size_resizes_bias_on_the_fly(cmt_ti):

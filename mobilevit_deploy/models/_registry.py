@@ -63,6 +63,11 @@ def create_model(
     if name not in _MODELS:
         raise choices_error("model", name, sorted(_MODELS))
     model = _MODELS[name](num_classes=cfg.num_classes, **kwargs)
+    size = tuple(cfg.input_size[1:])
+    if "img_size" not in kwargs and hasattr(model, "set_input_size") and tuple(model.img_size) != size:
+        # Parameters tied to the input size (CMT's relative position biases): build them for the
+        # DeployCfg's size, so weights trained at that size (e.g. a 64 px CPU recipe) load.
+        model.set_input_size(size)
     model.deploy_cfg = cfg
     if checkpoint is not None:
         from ..checkpoint import load_checkpoint
