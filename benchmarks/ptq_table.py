@@ -11,7 +11,7 @@ this machine (ExecuTorch / ONNX Runtime; Core ML cannot run on Linux). Every art
 
 Where the numbers come from:
 - .pte / .onnx: the artifact itself, run by its runtime on every validation image;
-- Core ML: the torch-side model of the scheme (`quantize_model(...).reference`: coremltools' own
+- Core ML: the torch-side model of the scheme (`export_model(...).quantized.reference`: coremltools' own
   weight compress/decompress on the BN-folded weights, or the converted CoreMLQuantizer q/dq graph),
   because Core ML does not run on Linux. Sizes are the saved .mlpackage sizes.
 
@@ -139,7 +139,7 @@ def main(argv=None):
     import torch
 
     from mobilevit_deploy.export import export_model
-    from mobilevit_deploy.quantize import get_config, load_calibration, quantize_model
+    from mobilevit_deploy.quantize import load_calibration
     from mobilevit_deploy.quantize.executorch_schemes import xnnpack_quantizer_factory
     from mobilevit_deploy.quantize.sensitivity import format_report, rank_units
     from mobilevit_deploy.runtime import load_artifact
@@ -218,9 +218,8 @@ def main(argv=None):
                 add_row(name, target, scheme, res, r, "executorch artifact", {"export_s": dt, "keep_float_k": k})
             continue
         res, dt = export(target, scheme)
-        if target == "coreml":
-            q = quantize_model(model, get_config(target, scheme), deploy_cfg=cfg,
-                               calib=calib if get_config(target, scheme).calibrated else None, progress=False)
+        if target == "coreml":  # Core ML does not run on Linux: the export's own torch-side reference
+            q = res.quantized
             add_row(f"coreml {scheme}", target, scheme, res, q.reference, "torch-side (" + q.info["torch_side"] + ")",
                     {"export_s": dt})
         else:

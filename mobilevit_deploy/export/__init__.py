@@ -41,6 +41,9 @@ class ExportResult:
     artifact: Path
     manifest_path: Path
     manifest: dict
+    # with quant=...: the QuantizedModel the artifact was built from (`.reference` = its numerics in
+    # PyTorch, the torch-side check of Core ML schemes); None for float exports
+    quantized: object = None
 
     @property
     def verification(self) -> dict | None:
@@ -417,4 +420,4 @@ def _export(model, cfg, name, ckpt, target, backend, precision, verify, final, s
     log(f"write: {final} ({_fmt_size(size)}) + {mpath.name} ({timings['total']:.1f} s total)")
     if verification is not None and not verification.get("passed", True):
         log(f"WARNING: verification FAILED for {final.name}: see 'verification' in {mpath}")
-    return ExportResult(artifact=final, manifest_path=mpath, manifest=manifest)
+    return ExportResult(artifact=final, manifest_path=mpath, manifest=manifest, quantized=q)
