@@ -28,7 +28,13 @@ __all__ = [
 # Measured default of --keep-float for the calibrated int8 schemes (benchmarks/ptq_mobilevit_xxs.md):
 # keep nothing in float unless asked. See `DEFAULT_KEEP_FLOAT_REASON`.
 DEFAULT_KEEP_FLOAT: tuple[tuple[str, ...], int] = ((), 0)
-DEFAULT_KEEP_FLOAT_REASON = "not yet measured"
+DEFAULT_KEEP_FLOAT_REASON = (
+    "measured on the shipped mobilevit_xxs, CIFAR-10 val (1,000 images), ExecuTorch int8 .pte: keeping the k most "
+    "sensitive units in float raises SQNR vs fp32 from 23.1 dB (k=0) to 26.3 / 27.4 dB (k=3 / 6) and top-1 agreement "
+    "from 93.4 % to 95.8 % (k=3) at the same size, but not top-1 (56.8 % at k=0 = fp32; 56.5 % at k=3), and the "
+    "per-layer sensitivity pass adds ~80 s to the export; so nothing is kept in float by default and "
+    "--keep-float auto:3 is the documented higher-fidelity choice"
+)
 
 _COREML_PALETTE_NBITS = (1, 2, 3, 4, 6, 8)
 # W8A8 calibration methods: the quantizer's own observers, or ViT-aware PTQ on top of them (vit_ptq.py)
