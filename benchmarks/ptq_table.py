@@ -284,6 +284,8 @@ def markdown(doc) -> str:
             f"{f(r['size_ratio_fp32'], '.2f')} | {r['top1']:.2f} | {r['agree_fp32']:.1f} | "
             f"{'inf' if sq is None or sq == float('inf') else format(sq, '.1f')} | {f(r.get('latency_ms'), '.2f')} | "
             f"{r['numerics_from'].split(' (')[0]} |")
+    for n in doc.get("notes", []):
+        lines += ["", n]
     s = doc.get("sensitivity")
     if s:
         lines += ["", f"Per-layer sensitivity (ExecuTorch int8; one unit quantized at a time, SQNR of the logits vs fp32 "

@@ -20,8 +20,9 @@ Core ML part (--coreml-mixed): the fp32 model is converted to an fp16 mlprogram,
 (k-means, coremltools) uniformly at 4/6/8 bits and per layer under average-bit budgets
 (`plan_mixed_precision`); sizes are the saved .mlpackage sizes. Core ML cannot run on Linux, so top-1
 is measured in PyTorch with the *artifact's* weights: every conv/linear weight is read back from the
-palettized program (decompressed by coremltools) into a copy of the model with BatchNorm folded
-the way the converter folds it (checked against the uncompressed program).
+palettized program (decompressed by coremltools) into the export stage's own read-back reference
+(`coreml_schemes.program_weights_reference`: the BN-folded graph, each weight checked against the
+uncompressed program first).
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -64,6 +64,24 @@ def load_split(root, deploy_cfg, n=None, batch=200):
     return torch.cat(xs), y, [p for p, _ in samples]
 
 
+def prepare_and_observe(model, quantizer, xc, batch):
+    """Capture (the pipeline's dynamic-batch capture), prepare_pt2e with `quantizer`, one observation
+    pass over the calibration images -> (prepared, prepare seconds, observation seconds)."""
+    import torch
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from mobilevit_deploy.quantize._pt2e import capture_dynamic_batch
+
+    t = time.perf_counter()
+    prepared = prepare_pt2e(capture_dynamic_batch(model, model.deploy_cfg), quantizer)
+    t_prep = time.perf_counter() - t
+    t = time.perf_counter()
+    with torch.no_grad():
+        for b in xc.split(batch):
+            prepared(b)
+    return prepared, t_prep, time.perf_counter() - t
+
+
 def logits_of(fn, x, batch=100):
     import torch
 
@@ -95,34 +113,17 @@ def paired(a_pred, b_pred, y):
 
 # ------------------------------------------------------------------------------------------------- W8A8
 
-def capture(model, deploy_cfg):
-    import torch
-
-    x = torch.zeros((2, *deploy_cfg.input_size))
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    return torch.export.export(model.eval(), (x,), dynamic_shapes=({0: batch},)).module()
-
-
 def w8a8(model, xc, xv, yv, ref, args, results):
-    import torch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer, get_symmetric_quantization_config,
     )
     from torchao.quantization.pt2e import move_exported_model_to_eval
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     from mobilevit_deploy.quantize.vit_ptq import VitPTQConfig, apply_vit_calibration, replace_observers_with_minmax
 
-    t = time.perf_counter()
-    gm = capture(model, model.deploy_cfg)
     q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    prepared = prepare_pt2e(gm, q)
-    t_prep = time.perf_counter() - t
-    t = time.perf_counter()
-    with torch.no_grad():
-        for b in xc.split(args.calib_batch):
-            prepared(b)
-    t_obs = time.perf_counter() - t
+    prepared, t_prep, t_obs = prepare_and_observe(model, q, xc, args.calib_batch)
     log(f"capture+prepare {t_prep:.1f}s, observation pass on {xc.shape[0]} images {t_obs:.1f}s")
     results["observation_s"] = t_obs
 
@@ -223,21 +224,14 @@ def coreml_w8a8(model, xc, xv, yv, ref, args, results):
     import coremltools as ct
     import torch
     from torchao.quantization.pt2e import move_exported_model_to_eval
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     from mobilevit_deploy.quantize.configs import CoreMLInt8Config
     from mobilevit_deploy.quantize.coreml_schemes import coreml_quantizer_factory
     from mobilevit_deploy.quantize.vit_ptq import VitPTQConfig, apply_vit_calibration
 
-    t = time.perf_counter()
-    gm = capture(model, model.deploy_cfg)
-    prepared = prepare_pt2e(gm, coreml_quantizer_factory(CoreMLInt8Config())())
-    t_prep = time.perf_counter() - t
-    t = time.perf_counter()
-    with torch.no_grad():
-        for b in xc.split(args.calib_batch):
-            prepared(b)
-    t_obs = time.perf_counter() - t
+    prepared, t_prep, t_obs = prepare_and_observe(model, coreml_quantizer_factory(CoreMLInt8Config())(), xc,
+                                                  args.calib_batch)
     log(f"coreml w8a8: capture+annotate+prepare {t_prep:.1f}s, observation {t_obs:.1f}s")
     rows = {}
     conv = {}
@@ -265,36 +259,32 @@ def coreml_w8a8(model, xc, xv, yv, ref, args, results):
     ml = ct.convert(ep, convert_to="mlprogram", inputs=[ct.TensorType(name="image", shape=tuple(xv[:1].shape))],
                     minimum_deployment_target=ct.target.iOS17)
     mil = _mil_quant_scales(ml)
-    torch_scales = sorted({float(n.args[1]) for n in conv["vit"].graph.nodes
-                           if n.op == "call_function" and str(n.target).endswith("quantize_per_tensor.default")
-                           and "dequantize" not in str(n.target)})
-    found = sum(any(abs(m_ - s_) <= 1e-6 * s_ for m_ in mil) for s_ in torch_scales)
-    rows["vit"]["mlprogram_check"] = {"torch_activation_scales": len(torch_scales), "found_in_mil_quantize_ops": found,
-                                      "mil_quantize_ops": len(mil), "convert_s": time.perf_counter() - t}
+
+    def scales(g):
+        return sorted({float(n.args[1]) for n in g.graph.nodes
+                       if n.op == "call_function" and str(n.target).endswith("quantize_per_tensor.default")
+                       and "dequantize" not in str(n.target)})
+
+    # The fp16 ML program stores its scales rounded to fp16 (relative error <= 2**-11): match within 1e-3.
+    def found_in(vals):
+        return sum(any(abs(m_ - s_) <= 1e-3 * s_ for m_ in mil) for s_ in vals)
+
+    torch_scales, minmax_scales = scales(conv["vit"]), scales(conv["minmax"])
+    searched = [s_ for s_ in torch_scales if all(abs(s_ - m_) > 1e-3 * s_ for m_ in minmax_scales)]
+    minmax_only = [s_ for s_ in minmax_scales if all(abs(s_ - v_) > 1e-3 * s_ for v_ in torch_scales)]
+    found, found_searched, found_minmax_only = found_in(torch_scales), found_in(searched), found_in(minmax_only)
+    rows["vit"]["mlprogram_check"] = {
+        "torch_activation_scales": len(torch_scales), "found_in_mil_quantize_ops": found,
+        "searched_scales": len(searched), "searched_found": found_searched,
+        "minmax_only_scales": len(minmax_only), "minmax_only_found": found_minmax_only,
+        "mil_quantize_ops": len(mil), "tolerance_rel": 1e-3, "convert_s": time.perf_counter() - t}
     log(f"coreml w8a8: {found}/{len(torch_scales)} activation scales of the vit torch graph appear in the mlprogram's "
-        f"{len(mil)} quantize ops")
+        f"{len(mil)} quantize ops (fp16-rounded, rel. 1e-3); of the {len(searched)} scales the search changed, "
+        f"{found_searched} are in the program; of the {len(minmax_only)} min/max scales it replaced, {found_minmax_only}")
     results["coreml_w8a8"] = rows
 
 
 # --------------------------------------------------------------------------------------------- Core ML
-
-def fold_bn_copy(model):
-    """A copy of `model` with every (conv, bn) pair of a ConvNormAct-like module folded (bn -> Identity)."""
-    import torch
-    from torch import nn
-
-    m = copy.deepcopy(model).eval()
-    for mod in m.modules():
-        conv, bn = getattr(mod, "conv", None), getattr(mod, "bn", None)
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-            s = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-            w = conv.weight.detach() * s.view(-1, 1, 1, 1)
-            b = (conv.bias.detach() if conv.bias is not None else torch.zeros_like(s)) * s + bn.bias.detach() - bn.running_mean * s
-            conv.weight = nn.Parameter(w, requires_grad=False)
-            conv.bias = nn.Parameter(b, requires_grad=False)
-            mod.bn = nn.Identity()
-    return m
-
 
 def dir_size(p: Path) -> int:
     return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file())
@@ -303,12 +293,10 @@ def dir_size(p: Path) -> int:
 def coreml_mixed(model, xc, xv, yv, ref, args, results):
     import coremltools as ct
     import coremltools.optimize.coreml as cto
-    import numpy as np
     import torch
 
-    from mobilevit_deploy.quantize.mixed_precision import (
-        MixedPrecisionConfig, coreml_op_weights, coreml_weight_ops, forward_weight_order, plan_mixed_precision,
-    )
+    from mobilevit_deploy.quantize.coreml_schemes import program_weights_reference
+    from mobilevit_deploy.quantize.mixed_precision import MixedPrecisionConfig, plan_mixed_precision
 
     out_dir = Path(tempfile.mkdtemp(prefix="vit_ptq_coreml_"))
     t = time.perf_counter()
@@ -317,25 +305,15 @@ def coreml_mixed(model, xc, xv, yv, ref, args, results):
                     minimum_deployment_target=ct.target.iOS17, compute_precision=ct.precision.FLOAT16)
     log(f"coreml convert {time.perf_counter() - t:.1f}s")
     ml.save(str(out_dir / "fp16.mlpackage"))
-    folded = fold_bn_copy(model)
-    order = forward_weight_order(folded, xv[:1])
-    ops = coreml_weight_ops(ml)
-    base_w = coreml_op_weights(ml)
-    params = dict(folded.named_parameters())
-    # the folded torch model must hold the program's weights (fp16 rounding only)
-    for (op, _, _), (tn, _) in zip(ops, order):
-        a, b = base_w[op], params[tn].detach().numpy()
-        if not np.allclose(a, b, rtol=2e-3, atol=2e-3 * float(np.abs(b).max())):
-            raise SystemExit(f"folded torch weight {tn} does not match Core ML op {op}")
+    # the artifact's weights in PyTorch: the export stage's own read-back reference (the BN-folded graph,
+    # every conv/linear weight checked against the uncompressed program, then replaced by the
+    # compressed program's decompressed weights)
+    base_ref = program_weights_reference(model, model.deploy_cfg)
 
     def eval_program(mlm):
-        w = coreml_op_weights(mlm)
-        m = copy.deepcopy(folded)
-        p = dict(m.named_parameters())
-        with torch.no_grad():
-            for (op, _, _), (tn, _) in zip(ops, order):
-                p[tn].copy_(torch.from_numpy(w[op]))
-        return metrics(logits_of(m, xv), yv, ref)
+        r = copy.deepcopy(base_ref)
+        r.load_program_weights(ml, mlm)
+        return metrics(logits_of(r, xv), yv, ref)
 
     rows = {}
     fp16 = eval_program(ml)
@@ -353,25 +331,37 @@ def coreml_mixed(model, xc, xv, yv, ref, args, results):
         r["palettize_s"] = time.perf_counter() - t
         rows[f"uniform {b}-bit"] = r
         log(f"uniform {b}: {r['size_bytes'] / 1e6:.3f} MB top1 {r['top1']:.2f} sqnr {r['sqnr_fp32_db']:.2f}")
+    # sensitivity images: "first" = the first N calibration images (class-grouped folder order: the first
+    # classes only); "spread" = N evenly spaced over the calibration set (every class, as the export
+    # stage's class-balanced calibration loader gives)
+    sens_sets = []
+    for pick in args.sensitivity_pick:
+        for n in args.sensitivity_images:
+            idx = list(range(n)) if pick == "first" else [int(i * xc.shape[0] / n) for i in range(n)]
+            sens_sets.append((f"{pick} {n}", xc[idx]))
     for budget in args.budgets:
         for err_model in ("measured", "ideal") if args.ablations else ("measured",):
-            t = time.perf_counter()
-            plan = plan_mixed_precision(model, ml, list(xc.split(args.calib_batch)),
-                                        MixedPrecisionConfig(budget_avg_bits=budget, error_model=err_model))
-            # sensitivities are keyed by the unfolded model's names, which equal the folded copy's
-            mlp = cto.palettize_weights(ml, plan.config)
-            t_plan = time.perf_counter() - t
-            r = eval_program(mlp)
-            name = f"mixed {budget:g} ({err_model})"
-            mlp.save(str(out_dir / f"mixed{budget:g}_{err_model}.mlpackage"))
-            r["size_bytes"] = dir_size(out_dir / f"mixed{budget:g}_{err_model}.mlpackage")
-            r["avg_bits"] = plan.avg_bits
-            r["plan"] = plan.describe()
-            r["bits"] = plan.bits
-            r["plan_and_palettize_s"] = t_plan
-            rows[name] = r
-            log(f"{name}: {r['size_bytes'] / 1e6:.3f} MB avg {plan.avg_bits:.2f} bits top1 {r['top1']:.2f} "
-                f"sqnr {r['sqnr_fp32_db']:.2f} {plan.describe()['histogram']}")
+            for sens_name, xs in sens_sets:
+                t = time.perf_counter()
+                plan = plan_mixed_precision(model, ml, list(xs.split(args.calib_batch)),
+                                            MixedPrecisionConfig(budget_avg_bits=budget, error_model=err_model,
+                                                                 sensitivity_images=xs.shape[0]))
+                # sensitivities are keyed by the unfolded model's names, which equal the folded copy's
+                mlp = cto.palettize_weights(ml, plan.config)
+                t_plan = time.perf_counter() - t
+                r = eval_program(mlp)
+                name = f"mixed {budget:g} ({err_model}, sensitivity: {sens_name} images)"
+                fname = f"mixed{budget:g}_{err_model}_{sens_name.replace(' ', '')}.mlpackage"
+                mlp.save(str(out_dir / fname))
+                r["size_bytes"] = dir_size(out_dir / fname)
+                r["sensitivity_images"] = sens_name
+                r["avg_bits"] = plan.avg_bits
+                r["plan"] = plan.describe()
+                r["bits"] = plan.bits
+                r["plan_and_palettize_s"] = t_plan
+                rows[name] = r
+                log(f"{name}: {r['size_bytes'] / 1e6:.3f} MB avg {plan.avg_bits:.2f} bits top1 {r['top1']:.2f} "
+                    f"sqnr {r['sqnr_fp32_db']:.2f} {plan.describe()['histogram']}")
     results["coreml"] = rows
 
 
@@ -383,6 +373,10 @@ def markdown(results) -> str:
     out.append(f"### {m} ({results['weights']})\n")
     out.append(f"fp32 top-1 on {results['val_images']} val images: **{results['fp32_top1']:.2f} %**; calibration: "
                f"{results['calib_images']} train images (observation pass {results['observation_s']:.1f} s).\n")
+    cmds = results.get("section_commands") or {k: results["command"] for k in SECTIONS if k in results}
+    for c in dict.fromkeys(cmds.values()):
+        out.append(f"- `{c}`: {', '.join(k for k, v in cmds.items() if v == c)}")
+    out.append("")
     if "w8a8" in results:
         out.append("| W8A8 (XNNPACK quantizer, torch q/dq graph) | top-1 % | top-1 agreement w/ fp32 % | SQNR vs fp32 dB | calibration time s | vs histogram: fixed / broken images (McNemar p) |")
         out.append("|---|---:|---:|---:|---:|---:|")
@@ -412,9 +406,13 @@ def markdown(results) -> str:
             out.append(f"| {k}{pair} | {r['top1']:.2f} | {r['agree_fp32']:.2f} | {r['sqnr_fp32_db']:.2f} | {r['calibration_s']:.1f} |")
         chk = results["coreml_w8a8"]["vit"].get("mlprogram_check")
         if chk:
-            out.append(f"\nvit graph converted to an iOS17 mlprogram: {chk['found_in_mil_quantize_ops']} of its "
+            out.append(f"\nvit graph converted to an iOS17 fp16 mlprogram: {chk['found_in_mil_quantize_ops']} of its "
                        f"{chk['torch_activation_scales']} distinct activation scales appear in the program's "
-                       f"{chk['mil_quantize_ops']} `quantize` ops.")
+                       f"{chk['mil_quantize_ops']} `quantize` ops (matched within the fp16 rounding of the stored "
+                       f"scales, rel. 1e-3); of the {chk.get('searched_scales', '?')} scales the search changed, "
+                       f"{chk.get('searched_found', '?')} are in the program, and of the "
+                       f"{chk.get('minmax_only_scales', '?')} min/max scales they replaced, "
+                       f"{chk.get('minmax_only_found', '?')}.")
         out.append("")
     if "coreml" in results:
         out.append("| Core ML weights (fp16 program, k-means palettization) | avg weight bits | .mlpackage MB | top-1 % | agreement w/ fp32 % | SQNR vs fp32 dB |")
@@ -423,6 +421,23 @@ def markdown(results) -> str:
             out.append(f"| {k} | {r['avg_bits']:.2f} | {r['size_bytes'] / 1e6:.3f} | {r['top1']:.2f} | {r['agree_fp32']:.2f} | {r['sqnr_fp32_db']:.2f} |")
         out.append("")
     return "\n".join(out)
+
+
+SECTIONS = ("w8a8", "pte", "coreml_w8a8", "coreml")
+
+
+def merge_results(runs: list[dict]) -> dict:
+    """Sections of several runs of one model on the same data; each section keeps the command that measured it."""
+    out = dict(runs[0])
+    for r in runs:
+        if (r["model"], r["weights"], r["val_images"], r["labels"]) != (out["model"], out["weights"],
+                                                                          out["val_images"], out["labels"]):
+            raise ValueError(f"--from-json: runs of different models or data ({r['model']}, {r['weights']})")
+        for k in SECTIONS:
+            if k in r:
+                out[k] = r[k]
+                out.setdefault("section_commands", {})[k] = r["command"]
+    return out
 
 
 def main(argv=None):
@@ -446,13 +461,26 @@ def main(argv=None):
     ap.add_argument("--coreml-w8a8", action="store_true", help="CoreMLQuantizer W8A8: min/max vs vit (torch-side)")
     ap.add_argument("--no-w8a8", action="store_true")
     ap.add_argument("--budgets", type=float, nargs="*", default=[5.0, 6.0, 7.0])
+    ap.add_argument("--sensitivity-images", type=int, nargs="+", default=[32],
+                    help="images for the mixed-precision sensitivity pass (default 32, the export stage's)")
+    ap.add_argument("--sensitivity-pick", nargs="+", choices=["first", "spread"], default=["spread"],
+                    help="which calibration images: the first N (folder order) or N evenly spaced (default)")
     ap.add_argument("--variants", nargs="*", choices=["histogram", "minmax", "vit", "vit-fp-inputs", "vit-no-bias-corr",
                                                       "vit-no-rank"], help="W8A8 variants (default: histogram minmax vit)")
     ap.add_argument("--ablations", action="store_true", help="vit without bias correction / ranking loss; ideal error model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
+    ap.add_argument("--from-json", nargs="+", metavar="FILE",
+                    help="print the tables of earlier --json runs of one model (later files win per section) "
+                         "and measure nothing; with --json, write the merged run")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
+    if args.from_json:
+        merged = merge_results([json.loads(Path(f).read_text()) for f in args.from_json])
+        print(markdown(merged))
+        if args.json:  # the merged run, each section with the command that measured it
+            Path(args.json).write_text(json.dumps(merged, default=lambda o: str(o)) + "\n")
+        return
 
     warnings.filterwarnings("ignore")
     import torch
@@ -498,17 +526,23 @@ def main(argv=None):
                "torch_threads": args.threads, "observation_s": float("nan"), "labels": yv.tolist(),
                "fp32_pred": ref.argmax(-1).tolist()}
     log(f"fp32 top1 {results['fp32_top1']:.2f}")
+    def save():  # after every section, so a later section's failure keeps what was measured
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, default=lambda o: str(o)) + "\n")
+
     if not args.no_w8a8:
         converted = w8a8(model, xc, xv, yv, ref, args, results)
+        save()
         if args.pte:
             pte_check(converted, xv, yv, ref, args, results)
+            save()
     if args.coreml_w8a8:
         coreml_w8a8(model, xc, xv, yv, ref, args, results)
+        save()
     if args.coreml_mixed:
         coreml_mixed(model, xc, xv, yv, ref, args, results)
+        save()
     print(markdown(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=lambda o: str(o)))
 
 
 if __name__ == "__main__":

@@ -31,12 +31,14 @@ from mobilevit_deploy.verify import sample_batch, sqnr_db
 
 # Lower bounds (dB) of the artifact's (or, for Core ML, the torch-side model's) logits against fp32
 # on the 40 shipped samples, for the small model. Measured values are in the test's comments.
-MIN_SQNR_VS_FP32 = {  # measured: 39.8, 42.1, 57.0, 43.5, 29.5, 40.7
+# (The Core ML weight schemes' figures were higher before their reference stopped writing its
+# compressed weights into the fp32 model it is compared with.)
+MIN_SQNR_VS_FP32 = {  # measured: 39.8, 42.1, 41.9, 35.1, 18.6, 40.6
     ("executorch", "int8"): 32.0,
     ("executorch", "int8-dynamic"): 34.0,
-    ("coreml", "w8"): 48.0,
-    ("coreml", "palette6"): 36.0,
-    ("coreml", "palette4"): 22.0,
+    ("coreml", "w8"): 36.0,
+    ("coreml", "palette6"): 30.0,
+    ("coreml", "palette4"): 15.0,
     ("coreml", "int8"): 32.0,
 }
 # Upper bounds of artifact size / fp32 artifact size of the same target (small model).

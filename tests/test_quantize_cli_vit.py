@@ -294,3 +294,24 @@ def test_palette_mixed_reference_refuses_to_run_before_compression():
     assert q.compress_mlmodel is not None and q.info["calibration"]["images"] == 8
     with pytest.raises(RuntimeError, match="run compress_mlmodel first"):
         q.reference(torch.zeros(1, 3, 32, 32))
+
+
+# one scheme per code path: Core ML read-back reference, Core ML compress/decompress reference,
+# pt2e W8A8 with the vit search, torchao quantize_
+@pytest.mark.parametrize("target,scheme", [("coreml", "palette-mixed"), ("coreml", "w8"), ("executorch", "int8"),
+                                           ("executorch", "int8-dynamic")])
+def test_export_leaves_the_callers_model_unchanged(tmp_path, target, scheme):
+    """A quantized export must not write into the fp32 model it was given (an exported graph shares
+    the module's parameters: palette-mixed once read its palettized weights back into them, so the
+    caller's model -- and the manifest's fp32 comparison -- silently became the palettized one)."""
+    from mobilevit_deploy.export import export_model
+
+    model = make_small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    extra = {"calibration": "vit"} if scheme == "int8" else {}
+    res = export_model("small", target, model=model, out_dir=tmp_path, quant=scheme, calib_size=8, log=None, **extra)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed == [], f"{target} {scheme} changed the caller's model: {changed[:5]}"
+    if res.quantized is not None and res.quantized.reference is not None:  # and the reference is not the model
+        assert all(p.data_ptr() != q.data_ptr() for p in model.parameters()
+                   for q in res.quantized.reference.parameters())

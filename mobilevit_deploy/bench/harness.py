@@ -1,8 +1,8 @@
 """The host benchmark: build runners, time them round-robin against an in-run reference, make rows.
 
 Method (documented in benchmarks/README.md):
-1. Same input for every runner: one seeded random RGB image at the row's input size, normalised with
-   the model's DeployCfg mean/std (Core ML gets the same pixels as an image). Same thread count for
+1. Same input for every runner: a shipped sample image at the row's input size, preprocessed with
+   the model's DeployCfg (Core ML gets the same pixels as an image). Same thread count for
    every runtime (recorded per row as the runtime reports it).
 2. Each runner (and the reference) gets `warmup` untimed inferences. Then `rounds` rounds; in each
    round every runner runs one untimed inference and `iters` timed ones, back to back. The order of
@@ -126,15 +126,14 @@ def get_default_size(name: str) -> int:
 
 
 def bench_input(dcfg, seed: int = 0):
-    """The one input every runner sees: a seeded random RGB image, normalised with the DeployCfg."""
-    import torch
+    """The one input every runner sees: shipped sample image number `seed` (of 40, CIFAR-10 training
+    split), through the model's own preprocessing at the DeployCfg's input size. A natural image, so
+    the output check of a quantized row means what it would on real input (random pixels fall
+    outside every calibrated activation range); it is also one of the default calibration images."""
+    from ..data import load_batch, sample_images
 
-    g = torch.Generator().manual_seed(seed)
-    _, h, w = dcfg.input_size
-    img = torch.randint(0, 256, (1, 3, h, w), generator=g, dtype=torch.uint8).float() / 255.0
-    mean = torch.tensor(dcfg.mean).view(1, 3, 1, 1)
-    std = torch.tensor(dcfg.std).view(1, 3, 1, 1)
-    return ((img - mean) / std).contiguous()
+    samples = sample_images()
+    return load_batch([samples[seed % len(samples)][0]], dcfg).contiguous()
 
 
 def _check(ref, out) -> dict:

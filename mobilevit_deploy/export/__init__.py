@@ -344,7 +344,7 @@ def _export(model, cfg, name, ckpt, target, backend, precision, verify, final, s
         et.save(program, staged)
         n_out = sum(ops_outside.values())
         if backend == "xnnpack":
-            what = "ExecuTorch, XNNPACK delegate, fp32; " + (
+            what = f"ExecuTorch, XNNPACK delegate, {'fp32' if q is None else q.config.scheme}; " + (
                 f"{n_out} ops outside the delegate: " + ", ".join(f"{k} x{v}" for k, v in ops_outside.items())
                 if ops_outside else "every op delegated")
         else:

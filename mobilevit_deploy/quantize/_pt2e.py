@@ -18,14 +18,20 @@ from ..errors import UserError
 
 
 def capture_dynamic_batch(model, deploy_cfg):
-    """`torch.export.export(model, (x,), dynamic batch).module()`: the graph pt2e prepares."""
+    """`torch.export.export(model, (x,), dynamic batch).module()`: the graph pt2e prepares.
+
+    The graph is captured from a deep copy: an exported module shares its parameters with the module
+    it was captured from, and BN folding or reading compressed weights back into the graph (in place)
+    would otherwise change the caller's fp32 model (and every fp32 comparison made with it after)."""
+    import copy
+
     import torch
 
     from ..export.capture import example_input
 
     x = example_input(deploy_cfg, batch=2)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    return torch.export.export(model.eval(), (x,), dynamic_shapes=({0: batch},)).module()
+    return torch.export.export(copy.deepcopy(model).eval(), (x,), dynamic_shapes=({0: batch},)).module()
 
 
 def _normalize(path: str) -> str:

@@ -225,7 +225,7 @@ def program_weights_reference(model, deploy_cfg):
     MIL passes fold it); see the module docstring."""
     from torchao.quantization.pt2e.utils import _fuse_conv_bn_
 
-    from ._pt2e import QuantizedGraph, capture_dynamic_batch
+    from ._pt2e import capture_dynamic_batch
 
     gm = capture_dynamic_batch(model, deploy_cfg)
     _fuse_conv_bn_(gm)
@@ -245,22 +245,15 @@ def palettized_bits(mlmodel) -> dict[str, int]:
     """{conv/linear op name: LUT bits} of the ops whose weight comes from a constexpr_lut_to_dense."""
     import math
 
-    prog = mlmodel._mil_program
+    from .mixed_precision import iter_coreml_weight_ops
+
     out = {}
-
-    def walk(block):
-        for op in block.operations:
-            for b in getattr(op, "blocks", []) or []:
-                walk(b)
-            if op.op_type in ("conv", "linear") and "weight" in op.inputs:
-                src = op.inputs["weight"].op
-                if src is not None and src.op_type == "constexpr_lut_to_dense":
-                    lut = src.inputs["lut"]
-                    entries = lut.shape[0] if lut.rank == 1 else lut.shape[-2]  # iOS16: [2^n]; iOS18: [..., 2^n, vec]
-                    out[op.name] = int(round(math.log2(int(entries))))
-
-    for f in prog.functions.values():
-        walk(f)
+    for op, w in iter_coreml_weight_ops(mlmodel):
+        src = w.op
+        if src is not None and src.op_type == "constexpr_lut_to_dense":
+            lut = src.inputs["lut"]
+            entries = lut.shape[0] if lut.rank == 1 else lut.shape[-2]  # iOS16: [2^n]; iOS18: [..., 2^n, vec]
+            out[op.name] = int(round(math.log2(int(entries))))
     return out
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "weight_layers",
     "coreml_palettization_config",
     "coreml_weight_ops",
+    "iter_coreml_weight_ops",
     "average_bits",
     "forward_weight_order",
     "coreml_op_weights",
@@ -318,24 +319,27 @@ def palettization_errors(model, choices: Sequence[int] = (4, 6, 8), names: Seque
 # Core ML
 
 
-def coreml_weight_ops(mlmodel) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(op name, op type, weight shape) of every conv / linear op of the MIL program, in program order."""
+def iter_coreml_weight_ops(mlmodel):
+    """(op, weight Var) of every conv / linear op of the MIL program (nested blocks included), in
+    program order."""
     prog = mlmodel._mil_program if hasattr(mlmodel, "_mil_program") else mlmodel
     if prog is None:
         raise UserError("the Core ML model has no MIL program (convert with convert_to='mlprogram')")
-    out = []
 
     def walk(block):
         for op in block.operations:
             for b in getattr(op, "blocks", []) or []:
-                walk(b)
+                yield from walk(b)
             if op.op_type in ("conv", "linear") and "weight" in op.inputs:
-                w = op.inputs["weight"]
-                out.append((op.name, op.op_type, tuple(int(s) for s in w.shape)))
+                yield op, op.inputs["weight"]
 
     for f in prog.functions.values():
-        walk(f)
-    return out
+        yield from walk(f)
+
+
+def coreml_weight_ops(mlmodel) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(op name, op type, weight shape) of every conv / linear op of the MIL program, in program order."""
+    return [(op.name, op.op_type, tuple(int(s) for s in w.shape)) for op, w in iter_coreml_weight_ops(mlmodel)]
 
 
 def coreml_palettization_config(mlmodel, bits: Mapping[str, int], torch_layers: Sequence[tuple[str, tuple[int, ...]]],
@@ -390,26 +394,13 @@ def coreml_op_weights(mlmodel) -> dict[str, "np.ndarray"]:
     weights (constexpr ops) are decompressed with coremltools' own value inference."""
     import numpy as np
 
-    prog = mlmodel._mil_program if hasattr(mlmodel, "_mil_program") else mlmodel
     out = {}
-
-    def walk(block):
-        for op in block.operations:
-            for b in getattr(op, "blocks", []) or []:
-                walk(b)
-            if op.op_type in ("conv", "linear") and "weight" in op.inputs:
-                w = op.inputs["weight"]
-                val = w.val
-                if val is None:  # constexpr_* producer: materialise it
-                    src = w.op
-                    if hasattr(src, "materialized_val_inference"):
-                        val = src.materialized_val_inference()
-                    else:
-                        val = src.value_inference()
-                out[op.name] = np.asarray(val, dtype=np.float32)
-
-    for f in prog.functions.values():
-        walk(f)
+    for op, w in iter_coreml_weight_ops(mlmodel):
+        val = w.val
+        if val is None:  # constexpr_* producer: materialise it
+            src = w.op
+            val = src.materialized_val_inference() if hasattr(src, "materialized_val_inference") else src.value_inference()
+        out[op.name] = np.asarray(val, dtype=np.float32)
     return out
 
 
