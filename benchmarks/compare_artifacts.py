@@ -1,10 +1,10 @@
 """A/B timing of artifacts of one model, interleaved round-robin in one process (before/after rows).
 
-    python benchmarks/compare_artifacts.py --size 256 --threads 1 A.pte B.pte C.onnx [--model mobilevit_xxs]
+    python -m benchmarks.compare_artifacts --size 256 --threads 1 A.pte B.pte C.onnx [--model mobilevit_xxs]
 
 Every artifact gets the bench input (`mobilevit_deploy.bench.harness.bench_input`) and the same thread
-count; the harness's round-robin timing (`time_round_robin`) and in-run reference (fp32 matmul) are
-used, so the rows compare within the run even on a busy machine. Prints one row per artifact:
+count; the benchmark's round-robin timing (`bench.timing.time_round_robin`) and in-run reference
+(fp32 matmul) are used, so the rows compare within the run even on a busy machine. Prints one row per artifact:
 median / p10 / p90 ms, ratio to the reference, and ratio to the first artifact (paired per round).
 """
 from __future__ import annotations
@@ -13,8 +13,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
 def main(argv=None):
@@ -35,8 +33,9 @@ def main(argv=None):
 
     from mobilevit_deploy.bench import stats
     from mobilevit_deploy.bench.flops import make_matmul
-    from mobilevit_deploy.bench.harness import REF_N, _Slot, bench_input, time_round_robin
+    from mobilevit_deploy.bench.harness import REF_N, bench_input
     from mobilevit_deploy.bench.runners import artifact_runner
+    from mobilevit_deploy.bench.timing import Timed, time_round_robin
     from mobilevit_deploy.models import get_deploy_cfg
 
     torch.set_num_threads(a.threads)
@@ -45,7 +44,8 @@ def main(argv=None):
     slots = []
     for path in a.artifacts:
         target = {".pte": "executorch", ".onnx": "onnx", ".mlpackage": "coreml"}[Path(path).suffix]
-        slots.append(_Slot((path, target, "?"), artifact_runner(target, path, x, a.threads, "?")))
+        runner = artifact_runner(target, path, x, a.threads, "?")
+        slots.append(Timed((path, target, "?"), runner.fn, runner))
     ref = time_round_robin(slots, make_matmul(REF_N), warmup=a.warmup, rounds=a.rounds, iters=a.iters)
     first = slots[0]
     rows = []
@@ -57,7 +57,8 @@ def main(argv=None):
                "p90_ms": st["p90"], "ratio": stats.paired_ratio(s.round_medians, ref),
                "vs_first": stats.paired_ratio(s.round_medians, first.round_medians), "threads": s.runner.threads}
         rows.append(row)
-        print(f"  {row['median_ms']:8.2f} ms (p10 {row['p10_ms']:.2f}, p90 {row['p90_ms']:.2f})  ratio {row['ratio']:.3f}"
+        print(f"  {row['median_ms']:8.2f} ms (p10 {row['p10_ms']:.2f}, p90 {row['p90_ms']:.2f})  "
+              f"ratio {row['ratio']:.3f}"
               f"  vs first {row['vs_first']:.3f}  {row['artifact']}")
     if a.json:
         Path(a.json).write_text(json.dumps({"threads": a.threads, "rows": rows}, indent=1))

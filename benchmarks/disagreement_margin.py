@@ -4,18 +4,15 @@ Reads a `vit_ptq_table.py --json` run (per-image top-1 of fp32 and of each W8A8 
 the fp32 softmax on the same validation images and prints, per variant, the fp32 top-1 minus top-2
 probability margin of the disagreeing images against that of all images.
 
-    python benchmarks/disagreement_margin.py benchmarks/vit_ptq_mobilevit_xxs.json
+    python -m benchmarks.disagreement_margin benchmarks/vit_ptq_mobilevit_xxs.json
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def main(argv=None):
@@ -27,20 +24,22 @@ def main(argv=None):
 
     import torch
 
-    from mobilevit_deploy.pretrained import create_default_model
-    from vit_ptq_table import load_split, logits_of
+    from mobilevit_deploy.data import load_labeled_folder
+    from mobilevit_deploy.pretrained import load_model
+    from mobilevit_deploy.verify import batched_logits
 
     run = json.loads(Path(args.run_json).read_text())
-    model, _ = create_default_model(run["model"])
-    model.eval()
-    xv, _, _ = load_split(args.val_dir, model.deploy_cfg)
-    top2 = logits_of(model, xv).softmax(-1).topk(2, -1).values
+    model = load_model(run["model"]).module
+    xv, _, _ = load_labeled_folder(args.val_dir, model.deploy_cfg)
+    logits = batched_logits(model, xv)
+    top2 = logits.softmax(-1).topk(2, -1).values
     margin = top2[:, 0] - top2[:, 1]
     fp = torch.tensor(run["fp32_pred"])
-    if not torch.equal(logits_of(model, xv).argmax(-1), fp):
+    if not torch.equal(logits.argmax(-1), fp):
         raise SystemExit("the fp32 predictions differ from the run's: not the same weights or images")
     t = args.threshold
-    print(f"| W8A8 variant | disagreeing images | median fp32 margin: disagreeing / all | margin < {t}: disagreeing / all |")
+    print("| W8A8 variant | disagreeing images | median fp32 margin: disagreeing / all "
+          f"| margin < {t}: disagreeing / all |")
     print("|---|---:|---:|---:|")
     for k, r in run.get("w8a8", {}).items():
         dis = torch.tensor(r["pred"]) != fp

@@ -1,6 +1,6 @@
 """Per-op profile of a model's XNNPACK `.pte` (ETDump + Inspector) and of its ONNX Runtime run.
 
-    python benchmarks/profile_pte.py --model mobilevit_xxs --threads 1 --runs 30 --out /tmp/prof
+    python -m benchmarks.profile_pte --model mobilevit_xxs --threads 1 --runs 30 --out /tmp/prof
 
 Lowers the model exactly as `mobilevit_deploy.export` does (its capture and partitioner), with
 `generate_etrecord=True`, runs it `--runs` times with ETDump enabled, and prints the Inspector's
@@ -17,32 +17,15 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-
-def _decompose_layer_norm(ep):
-    """The export stage's LayerNorm rewrite (export/executorch.py), applied unconditionally."""
-    import torch
-
-    from mobilevit_deploy.export.executorch import _layer_norm_for_xnnpack
-
-    return ep.run_decompositions({torch.ops.aten.layer_norm.default: _layer_norm_for_xnnpack})
-
 
 def lower_with_etrecord(model, cfg, out: Path, ln_decomp: bool = False):
     from executorch.exir import to_edge_transform_and_lower
 
     from mobilevit_deploy.export import capture as cap
-    from mobilevit_deploy.export.executorch import ops_outside_delegate, partitioners
+    from mobilevit_deploy.export.executorch import decompose_for_xnnpack, ops_outside_delegate, partitioners
 
-    from mobilevit_deploy.export.executorch import decompose_for_xnnpack
-
-    ep = cap.capture(model, cfg)
-    ep_default = decompose_for_xnnpack(ep)  # what the export stage lowers
-    if ln_decomp:
-        ep = _decompose_layer_norm(ep)  # unconditionally (the export stage skips quantized programs)
-    else:
-        ep = ep_default
+    # what the export stage lowers; with --ln-decomp the LayerNorm rewrite also for a quantized program
+    ep = decompose_for_xnnpack(cap.capture(model, cfg), quantized_too=ln_decomp)
     t = time.time()
     edge = to_edge_transform_and_lower(ep, partitioner=partitioners("xnnpack"), generate_etrecord=True)
     outside = ops_outside_delegate(edge.exported_program())
@@ -60,7 +43,8 @@ def profile_pte(pte: Path, out: Path, x, threads: int, runs: int):
     from executorch.runtime import Runtime
 
     et_lib._unsafe_reset_threadpool(threads)
-    prog = Runtime.get().load_program(str(pte), enable_etdump=True, debug_buffer_size=0)  # 0: timings only (intermediate outputs would overflow it)
+    # debug buffer 0: timings only (intermediate outputs would overflow it)
+    prog = Runtime.get().load_program(str(pte), enable_etdump=True, debug_buffer_size=0)
     method = prog.load_method("forward")
     for _ in range(5):
         method.execute([x])
@@ -158,13 +142,15 @@ def main(argv=None):
                    help="int8: the export stage's executorch int8 scheme (pt2e W8A8, calibrated on the samples)")
     p.add_argument("--reuse", action="store_true", help="reuse model.pte + model.etrecord already in --out")
     p.add_argument("--ln-decomp", action="store_true",
-                   help="decompose LayerNorm for XNNPACK even in a quantized program (the export stage does it for float programs only)")
+                   help="decompose LayerNorm for XNNPACK even in a quantized program (the export stage does it "
+                        "for float programs only)")
     a = p.parse_args(argv)
+    from dataclasses import replace
+
     import torch
 
     from mobilevit_deploy import create_model
     from mobilevit_deploy.bench.harness import bench_input
-    from dataclasses import replace
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 Core ML palettization against uniform palettization. Prints the markdown tables of benchmarks/vit_ptq.md
 and writes the raw numbers as JSON.
 
-    python benchmarks/vit_ptq_table.py --model mobilevit_xxs --pte --coreml-mixed \
+    python -m benchmarks.vit_ptq_table --model mobilevit_xxs --pte --coreml-mixed \
         --json benchmarks/vit_ptq_mobilevit_xxs.json
 
 W8A8 part (ExecuTorch XNNPACKQuantizer, per-channel int8 weights, int8 activations, torchao pt2e):
@@ -36,8 +36,9 @@ import time
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from mobilevit_deploy.checkpoint import artifact_size
+
+REPO = Path(__file__).resolve().parents[1]  # the default data folders are beside the repository
 
 
 def log(*a):
@@ -46,47 +47,30 @@ def log(*a):
 
 # ------------------------------------------------------------------------------------------------- data
 
-def load_split(root, deploy_cfg, n=None, batch=200):
-    import torch
+def load_split(root, deploy_cfg, n=None):
+    """(x, y, paths) of an ImageFolder with the model's labels, `n` images evenly spaced."""
+    from mobilevit_deploy.data import load_labeled_folder
 
-    from mobilevit_deploy.data import list_image_folder, load_batch
-
-    samples, classes = list_image_folder(root)
-    labels = deploy_cfg.class_labels
-    if sorted(classes) != sorted(labels):
-        raise SystemExit(f"class folders {classes} do not match the model's labels {labels}")
-    idx = {c: labels.index(c) for c in classes}
-    if n is not None and n < len(samples):  # evenly spaced over the sorted (class-grouped) list
-        step = len(samples) / n
-        samples = [samples[int(i * step)] for i in range(n)]
-    xs = [load_batch([p for p, _ in samples[i:i + batch]], deploy_cfg) for i in range(0, len(samples), batch)]
-    y = torch.tensor([idx[classes[c]] for _, c in samples])
-    return torch.cat(xs), y, [p for p, _ in samples]
+    return load_labeled_folder(root, deploy_cfg, n)
 
 
 def prepare_and_observe(model, quantizer, xc, batch):
-    """Capture (the pipeline's dynamic-batch capture), prepare_pt2e with `quantizer`, one observation
-    pass over the calibration images -> (prepared, prepare seconds, observation seconds)."""
-    import torch
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
-
-    from mobilevit_deploy.quantize._pt2e import capture_dynamic_batch
+    """The pipeline's dynamic-batch capture, prepare_pt2e with `quantizer`, one observation pass over
+    the calibration images -> (prepared, prepare seconds, observation seconds)."""
+    from mobilevit_deploy.quantize import pt2e
 
     t = time.perf_counter()
-    prepared = prepare_pt2e(capture_dynamic_batch(model, model.deploy_cfg), quantizer)
-    t_prep = time.perf_counter() - t
+    gm = pt2e.capture_dynamic_batch(model, model.deploy_cfg)
+    t_capture = time.perf_counter() - t
     t = time.perf_counter()
-    with torch.no_grad():
-        for b in xc.split(batch):
-            prepared(b)
-    return prepared, t_prep, time.perf_counter() - t
+    prepared = pt2e.prepare_observed(gm, quantizer, xc.split(batch))
+    return prepared, t_capture, time.perf_counter() - t
 
 
 def logits_of(fn, x, batch=100):
-    import torch
+    from mobilevit_deploy.verify import batched_logits
 
-    with torch.no_grad():
-        return torch.cat([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
+    return batched_logits(fn, x, batch)
 
 
 def metrics(logits, y, ref):
@@ -114,15 +98,11 @@ def paired(a_pred, b_pred, y):
 # ------------------------------------------------------------------------------------------------- W8A8
 
 def w8a8(model, xc, xv, yv, ref, args, results):
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer, get_symmetric_quantization_config,
-    )
-    from torchao.quantization.pt2e import move_exported_model_to_eval
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-
+    from mobilevit_deploy.quantize import pt2e
+    from mobilevit_deploy.quantize.executorch_schemes import xnnpack_quantizer_factory
     from mobilevit_deploy.quantize.vit_ptq import VitPTQConfig, apply_vit_calibration, replace_observers_with_minmax
 
-    q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    q = xnnpack_quantizer_factory(per_channel=True)()
     prepared, t_prep, t_obs = prepare_and_observe(model, q, xc, args.calib_batch)
     log(f"capture+prepare {t_prep:.1f}s, observation pass on {xc.shape[0]} images {t_obs:.1f}s")
     results["observation_s"] = t_obs
@@ -153,7 +133,7 @@ def w8a8(model, xc, xv, yv, ref, args, results):
             if v == "vit":
                 results["vit_layers"] = rep["layers"]
         t_method = time.perf_counter() - t
-        c = move_exported_model_to_eval(convert_pt2e(p))
+        c = pt2e.convert(p)
         converted[v] = c
         m = metrics(logits_of(c, xv), yv, ref)
         m.update(extra)
@@ -185,7 +165,7 @@ def pte_check(converted, xv, yv, ref, args, results):
         runner = load_artifact(path, num_threads=1)
         lp = torch.cat([runner(xv[i:i + 1]) for i in range(n)])
         lt = logits_of(c, xv[:n])
-        r = {"file": str(path), "size_bytes": path.stat().st_size, "lower_s": t_lower, "images": n,
+        r = {"file": str(path), "size_bytes": artifact_size(path), "lower_s": t_lower, "images": n,
              "top1": float((lp.argmax(-1) == yv[:n]).double().mean()) * 100,
              "agree_torch": top1_agreement(lt, lp) * 100, "sqnr_torch_db": sqnr_db(lt, lp),
              "agree_fp32": top1_agreement(ref[:n], lp) * 100, "sqnr_fp32_db": sqnr_db(ref[:n], lp),
@@ -198,7 +178,8 @@ def pte_check(converted, xv, yv, ref, args, results):
             r["sqnr_vs_other_torch_db"] = sqnr_db(logits_of(converted[other], xv[:n]), lp)
         results.setdefault("pte", {})[v] = r
         log(f"pte {v}: {r['size_bytes'] / 1e6:.2f} MB top1 {r['top1']:.2f} agree(torch) {r['agree_torch']:.2f} "
-            f"sqnr(torch) {r['sqnr_torch_db']:.1f} dB, vs other graph {r.get('sqnr_vs_other_torch_db', float('nan')):.1f} dB")
+            f"sqnr(torch) {r['sqnr_torch_db']:.1f} dB, vs other graph "
+            f"{r.get('sqnr_vs_other_torch_db', float('nan')):.1f} dB")
 
 
 # --------------------------------------------------------------------------------- Core ML W8A8 (pt2e)
@@ -223,10 +204,8 @@ def coreml_w8a8(model, xc, xv, yv, ref, args, results):
     mlprogram and its quantize ops' scales are compared with the torch graph's."""
     import coremltools as ct
     import torch
-    from torchao.quantization.pt2e import move_exported_model_to_eval
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    from mobilevit_deploy.quantize.configs import CoreMLInt8Config
+    from mobilevit_deploy.quantize import CoreMLInt8Config, pt2e
     from mobilevit_deploy.quantize.coreml_schemes import coreml_quantizer_factory
     from mobilevit_deploy.quantize.vit_ptq import VitPTQConfig, apply_vit_calibration
 
@@ -244,9 +223,10 @@ def coreml_w8a8(model, xc, xv, yv, ref, args, results):
                                   VitPTQConfig(search_images=args.search_images, n_candidates=args.n_candidates,
                                                rounds=args.rounds), progress=args.verbose)
             rep = p.meta["vit_ptq"]
-            extra = {"search_s": rep["seconds"], "layers": rep["n_layers"], "observers_replaced": rep["n_observers_replaced"]}
+            extra = {"search_s": rep["seconds"], "layers": rep["n_layers"],
+                     "observers_replaced": rep["n_observers_replaced"]}
         t_method = time.perf_counter() - t
-        c = move_exported_model_to_eval(convert_pt2e(p))
+        c = pt2e.convert(p)
         conv[v] = c
         m = metrics(logits_of(c, xv), yv, ref)
         m.update(extra)
@@ -280,14 +260,15 @@ def coreml_w8a8(model, xc, xv, yv, ref, args, results):
         "mil_quantize_ops": len(mil), "tolerance_rel": 1e-3, "convert_s": time.perf_counter() - t}
     log(f"coreml w8a8: {found}/{len(torch_scales)} activation scales of the vit torch graph appear in the mlprogram's "
         f"{len(mil)} quantize ops (fp16-rounded, rel. 1e-3); of the {len(searched)} scales the search changed, "
-        f"{found_searched} are in the program; of the {len(minmax_only)} min/max scales it replaced, {found_minmax_only}")
+        f"{found_searched} are in the program; of the {len(minmax_only)} min/max scales it replaced, "
+        f"{found_minmax_only}")
     results["coreml_w8a8"] = rows
 
 
 # --------------------------------------------------------------------------------------------- Core ML
 
 def dir_size(p: Path) -> int:
-    return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file())
+    return artifact_size(p)
 
 
 def coreml_mixed(model, xc, xv, yv, ref, args, results):
@@ -378,7 +359,8 @@ def markdown(results) -> str:
         out.append(f"- `{c}`: {', '.join(k for k, v in cmds.items() if v == c)}")
     out.append("")
     if "w8a8" in results:
-        out.append("| W8A8 (XNNPACK quantizer, torch q/dq graph) | top-1 % | top-1 agreement w/ fp32 % | SQNR vs fp32 dB | calibration time s | vs histogram: fixed / broken images (McNemar p) |")
+        out.append("| W8A8 (XNNPACK quantizer, torch q/dq graph) | top-1 % | top-1 agreement w/ fp32 % "
+                   "| SQNR vs fp32 dB | calibration time s | vs histogram: fixed / broken images (McNemar p) |")
         out.append("|---|---:|---:|---:|---:|---:|")
         base = results["w8a8"].get("histogram")
         for k, r in results["w8a8"].items():
@@ -386,24 +368,30 @@ def markdown(results) -> str:
             if base is not None and k != "histogram" and "pred" in r and "pred" in base:
                 f, b_, pv = paired(base["pred"], r["pred"], results["labels"])
                 pair = f"{f} / {b_} (p={pv:.2f})"
-            out.append(f"| {k} | {r['top1']:.2f} | {r['agree_fp32']:.2f} | {r['sqnr_fp32_db']:.2f} | {r['calibration_s']:.1f} | {pair} |")
+            out.append(f"| {k} | {r['top1']:.2f} | {r['agree_fp32']:.2f} | {r['sqnr_fp32_db']:.2f} | "
+                       f"{r['calibration_s']:.1f} | {pair} |")
         out.append("")
     if "pte" in results:
-        out.append("| lowered XNNPACK .pte (ExecuTorch runtime) | images | size MB | top-1 % | agreement w/ its torch graph % | SQNR vs its torch graph dB | SQNR vs the other calibration's graph dB | SQNR vs fp32 dB |")
+        out.append("| lowered XNNPACK .pte (ExecuTorch runtime) | images | size MB | top-1 % "
+                   "| agreement w/ its torch graph % | SQNR vs its torch graph dB "
+                   "| SQNR vs the other calibration's graph dB | SQNR vs fp32 dB |")
         out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         for k, r in results["pte"].items():
-            out.append(f"| {k} | {r['images']} | {r['size_bytes'] / 1e6:.3f} | {r['top1']:.2f} | {r['agree_torch']:.2f} | "
-                       f"{r['sqnr_torch_db']:.1f} | {r.get('sqnr_vs_other_torch_db', float('nan')):.1f} | {r['sqnr_fp32_db']:.2f} |")
+            out.append(f"| {k} | {r['images']} | {r['size_bytes'] / 1e6:.3f} | {r['top1']:.2f} | "
+                       f"{r['agree_torch']:.2f} | {r['sqnr_torch_db']:.1f} | "
+                       f"{r.get('sqnr_vs_other_torch_db', float('nan')):.1f} | {r['sqnr_fp32_db']:.2f} |")
         out.append("")
     if "coreml_w8a8" in results:
-        out.append("| Core ML W8A8 (CoreMLQuantizer, torch q/dq graph) | top-1 % | top-1 agreement w/ fp32 % | SQNR vs fp32 dB | calibration time s |")
+        out.append("| Core ML W8A8 (CoreMLQuantizer, torch q/dq graph) | top-1 % | top-1 agreement w/ fp32 % "
+                   "| SQNR vs fp32 dB | calibration time s |")
         out.append("|---|---:|---:|---:|---:|")
         for k, r in results["coreml_w8a8"].items():
             pair = ""
             if k != "minmax" and "pred" in r:
                 f, b_, pv = paired(results["coreml_w8a8"]["minmax"]["pred"], r["pred"], results["labels"])
                 pair = f" (vs minmax: {f} fixed / {b_} broken, McNemar p={pv:.2f})"
-            out.append(f"| {k}{pair} | {r['top1']:.2f} | {r['agree_fp32']:.2f} | {r['sqnr_fp32_db']:.2f} | {r['calibration_s']:.1f} |")
+            out.append(f"| {k}{pair} | {r['top1']:.2f} | {r['agree_fp32']:.2f} | {r['sqnr_fp32_db']:.2f} | "
+                       f"{r['calibration_s']:.1f} |")
         chk = results["coreml_w8a8"]["vit"].get("mlprogram_check")
         if chk:
             out.append(f"\nvit graph converted to an iOS17 fp16 mlprogram: {chk['found_in_mil_quantize_ops']} of its "
@@ -415,10 +403,12 @@ def markdown(results) -> str:
                        f"{chk.get('minmax_only_found', '?')}.")
         out.append("")
     if "coreml" in results:
-        out.append("| Core ML weights (fp16 program, k-means palettization) | avg weight bits | .mlpackage MB | top-1 % | agreement w/ fp32 % | SQNR vs fp32 dB |")
+        out.append("| Core ML weights (fp16 program, k-means palettization) | avg weight bits | .mlpackage MB "
+                   "| top-1 % | agreement w/ fp32 % | SQNR vs fp32 dB |")
         out.append("|---|---:|---:|---:|---:|---:|")
         for k, r in results["coreml"].items():
-            out.append(f"| {k} | {r['avg_bits']:.2f} | {r['size_bytes'] / 1e6:.3f} | {r['top1']:.2f} | {r['agree_fp32']:.2f} | {r['sqnr_fp32_db']:.2f} |")
+            out.append(f"| {k} | {r['avg_bits']:.2f} | {r['size_bytes'] / 1e6:.3f} | {r['top1']:.2f} | "
+                       f"{r['agree_fp32']:.2f} | {r['sqnr_fp32_db']:.2f} |")
         out.append("")
     return "\n".join(out)
 
@@ -466,8 +456,10 @@ def main(argv=None):
     ap.add_argument("--sensitivity-pick", nargs="+", choices=["first", "spread"], default=["spread"],
                     help="which calibration images: the first N (folder order) or N evenly spaced (default)")
     ap.add_argument("--variants", nargs="*", choices=["histogram", "minmax", "vit", "vit-fp-inputs", "vit-no-bias-corr",
-                                                      "vit-no-rank"], help="W8A8 variants (default: histogram minmax vit)")
-    ap.add_argument("--ablations", action="store_true", help="vit without bias correction / ranking loss; ideal error model")
+                                                      "vit-no-rank"],
+                    help="W8A8 variants (default: histogram minmax vit)")
+    ap.add_argument("--ablations", action="store_true",
+                    help="vit without bias correction / ranking loss; ideal error model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     ap.add_argument("--from-json", nargs="+", metavar="FILE",
@@ -487,17 +479,15 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from mobilevit_deploy.pretrained import create_default_model
+    from mobilevit_deploy.pretrained import load_model
 
     if args.checkpoint:
-        from mobilevit_deploy import create_model
-        from mobilevit_deploy.models import DeployCfg, list_models
+        from mobilevit_deploy.pretrained import checkpoint_metadata
 
-        list_models()  # loads the registry (create_model with deploy_cfg= does not)
-        meta_path = Path(args.checkpoint).with_suffix(".json")
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            dcfg = DeployCfg.from_dict(meta["deploy_cfg"])
+        found = checkpoint_metadata(args.checkpoint)
+        if found is not None:
+            meta = found[0]
+            dcfg = None  # the checkpoint's own deploy_cfg
             weights = f"{args.checkpoint} ({meta.get('epochs')} epochs, recorded val top-1 {meta.get('val_top1')})"
         else:  # a raw training checkpoint: CIFAR-10 CPU-recipe preprocessing from the command line
             from dataclasses import replace
@@ -507,12 +497,14 @@ def main(argv=None):
             dcfg = replace(get_deploy_cfg(args.model, num_classes=10, labels=CIFAR10_LABELS),
                            input_size=(3, args.input_size, args.input_size), crop_pct=args.crop_pct)
             weights = f"{args.checkpoint} (no metadata; input {args.input_size} px, crop_pct {args.crop_pct})"
-        model = create_model(args.model, checkpoint=args.checkpoint, deploy_cfg=dcfg)
+        model = load_model(args.model, checkpoint=args.checkpoint, deploy_cfg=dcfg).module
     else:
-        model, sw = create_default_model(args.model)
-        if sw is None:
+        loaded = load_model(args.model)
+        if not loaded.checkpoint.get("shipped"):
             raise SystemExit(f"no shipped weights for {args.model}: pass --checkpoint")
-        weights = f"shipped {sw.path.name} ({sw.meta.get('epochs')} epochs, recorded val top-1 {sw.meta.get('val_top1')})"
+        meta = loaded.meta
+        weights = f"{loaded.source} ({meta.get('epochs')} epochs, recorded val top-1 {meta.get('val_top1')})"
+        model = loaded.module
     model.eval()
     cfg = model.deploy_cfg
     t = time.perf_counter()
@@ -520,9 +512,11 @@ def main(argv=None):
     xc, _, calib_paths = load_split(args.calib_dir, cfg, args.calib_size)
     log(f"data {time.perf_counter() - t:.1f}s: val {tuple(xv.shape)}, calib {tuple(xc.shape)}")
     ref = logits_of(model, xv)
-    results = {"model": args.model, "weights": weights, "val_images": int(xv.shape[0]), "calib_images": int(xc.shape[0]),
+    results = {"model": args.model, "weights": weights, "val_images": int(xv.shape[0]),
+               "calib_images": int(xc.shape[0]),
                "input_size": list(cfg.input_size), "fp32_top1": float((ref.argmax(-1) == yv).double().mean()) * 100,
-               "command": " ".join(["python", "benchmarks/vit_ptq_table.py"] + (argv if argv is not None else sys.argv[1:])),
+               "command": " ".join(["python", "-m", "benchmarks.vit_ptq_table"]
+                                   + (argv if argv is not None else sys.argv[1:])),
                "torch_threads": args.threads, "observation_s": float("nan"), "labels": yv.tolist(),
                "fp32_pred": ref.argmax(-1).tolist()}
     log(f"fp32 top1 {results['fp32_top1']:.2f}")

@@ -1,4 +1,5 @@
-"""Checkpoint I/O: safetensors or torch `.pt` read with `weights_only=True`; atomic writes; sha256."""
+"""Checkpoint and file I/O: safetensors or torch `.pt` read with `weights_only=True`; atomic writes;
+the sha256 of a file, a directory or a state dict; the size of an artifact (file or `.mlpackage`)."""
 from __future__ import annotations
 
 import hashlib
@@ -25,6 +26,23 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def state_dict_sha256(model) -> str:
+    """sha256 over the sorted state dict of an nn.Module (the manifest's checkpoint hash of a module)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def artifact_size(path: str | os.PathLike) -> int:
+    """Bytes of an artifact: a file, or every file below a directory (`.mlpackage`)."""
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size
+
+
 def load_state_dict(path: str | os.PathLike) -> dict:
     """Read a state dict from `.safetensors` or `.pt`/`.pth`/`.bin` (weights_only=True).
 
@@ -46,7 +64,8 @@ def load_state_dict(path: str | os.PathLike) -> dict:
     except CheckpointError:
         raise
     except Exception as e:  # corrupt file, pickle with non-tensor objects, ...
-        raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}: {first}") from e
     if isinstance(sd, dict):
         for k in _WRAPPER_KEYS:
             if k in sd and isinstance(sd[k], dict):
@@ -62,10 +81,15 @@ def load_state_dict(path: str | os.PathLike) -> dict:
 def load_checkpoint(model, path: str | os.PathLike) -> None:
     """Load `path` into `model` strictly; a key or shape mismatch names the first offending keys."""
     sd = load_state_dict(path)
+    from .models._apple_keys import apple_to_timm, is_apple_mobilevit
+
+    if is_apple_mobilevit(sd):  # Apple's ml-cvnets / corenet MobileViT release -> timm key layout
+        sd = apple_to_timm(sd)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shape = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    shape = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in sd and sd[k].shape != own[k].shape]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import UserError
 
@@ -31,3 +31,19 @@ class ArgumentParser:
                 raise UserError(message)
 
         return _Parser(*args, **kwargs)
+
+
+def quiet_toolchain():
+    """Silence the toolchain's import-time chatter (progress bars, 'untested version' warnings)."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' MIL pass progress bars
+    os.environ.setdefault("ET_COREML_LOG_LEVEL", "ERROR")  # "exported with CoreML specification version 7" notice
+    for name in ("coremltools", "torchao", "executorch", "onnxscript", "torch.onnx", "torch._export", "torch.export",
+                 "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+    for cat in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=cat)

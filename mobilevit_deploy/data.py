@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .errors import DataError
 
@@ -32,7 +32,8 @@ def find_classes(root: str | os.PathLike) -> list[str]:
     return classes
 
 
-def list_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+def list_image_folder(root: str | os.PathLike,
+                      classes: Sequence[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """(samples, classes) of an ImageFolder root: samples are (path, class index), sorted."""
     root = Path(root)
     classes = list(classes) if classes is not None else find_classes(root)
@@ -96,12 +97,31 @@ def eval_transform(cfg) -> Callable:
     return transform
 
 
-def load_batch(paths: Sequence[str], cfg) -> "torch.Tensor":
-    """Preprocessed [N, 3, H, W] batch of image files."""
+def load_batch(paths: Sequence[str], cfg):
+    """Preprocessed [N, 3, H, W] batch of image files (a torch.Tensor)."""
     import torch
 
     t = eval_transform(cfg)
     return torch.stack([t(load_rgb(p)) for p in paths])
+
+
+def load_labeled_folder(root: str | os.PathLike, cfg, limit: int | None = None, chunk: int = 200):
+    """An ImageFolder whose class folders are `cfg`'s labels, preprocessed in memory: (x [N, 3, H, W],
+    y [N] label indices in the cfg's label order, paths). `limit`: that many images, evenly spaced
+    over the sorted (class-grouped) list. DataError when the class folders are not the labels."""
+    import torch
+
+    samples, classes = list_image_folder(root)
+    labels = cfg.class_labels
+    if sorted(classes) != sorted(labels):
+        raise DataError(f"class folders {classes} of {root} do not match the model's labels {labels}")
+    if limit and limit < len(samples):
+        step = len(samples) / limit
+        samples = [samples[int(i * step)] for i in range(limit)]
+    paths = [p for p, _ in samples]
+    x = torch.cat([load_batch(paths[i:i + chunk], cfg) for i in range(0, len(paths), chunk)])
+    y = torch.tensor([labels.index(classes[c]) for _, c in samples])
+    return x, y, paths
 
 
 class ImageFolderDataset:
@@ -125,7 +145,8 @@ class ImageFolderDataset:
                 img = load_rgb(path)
             except Exception as e:  # PIL raises many types for corrupt files
                 self.bad.add(path)
-                warnings.warn(f"skipping undecodable image {path}: {type(e).__name__} ({len(self.bad)} skipped so far)")
+                warnings.warn(f"skipping undecodable image {path}: {type(e).__name__} "
+                              f"({len(self.bad)} skipped so far)", stacklevel=2)
                 continue
             return self.transform(img), target
         raise DataError("no decodable images left in the dataset")

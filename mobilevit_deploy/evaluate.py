@@ -1,13 +1,15 @@
 """Top-1 of a checkpoint or an exported artifact on an ImageFolder directory.
 
-    python -m mobilevit_deploy.evaluate --data DIR [--checkpoint PATH [--model NAME] | --artifact FILE]
+    python -m mobilevit_deploy.evaluate --data DIR [--checkpoint PATH [--model NAME] | --artifact FILE] [--size S]
 
 DIR holds class folders directly (`DIR/<class>/*.jpg`), e.g. `../shared/data/cifar10/val`. With
 neither --checkpoint nor --artifact the package's shipped default weights of --model are evaluated.
 Preprocessing is always `mobilevit_deploy.data.eval_transform(deploy_cfg)`, where the DeployCfg comes
 from (in order): the checkpoint's sibling JSON (`model.safetensors` -> `model.json`, the schema of the
 shipped weights), the artifact's manifest (`<artifact>.json`: input size, mean/std, crop, labels), or
-the model's registered DeployCfg. The class folders of DIR must be the model's labels.
+the model's registered DeployCfg. The class folders of DIR must be the model's labels. `--size S`
+evaluates a checkpoint (or the shipped weights) at S x S instead of its deploy size (same preprocessing
+otherwise); an artifact has a static input size and takes only its own.
 """
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ def _class_mapping(data_classes: Sequence[str], labels: Sequence[str], data, wha
 
 def evaluate(data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None, artifact: str | os.PathLike | None = None,
              model: str | None = None, deploy_cfg=None, batch_size: int = 100, limit: int | None = None,
-             progress: bool = True, threads: int | None = None) -> EvalResult:
+             progress: bool = True, threads: int | None = None, size: int | None = None) -> EvalResult:
     """Top-1 of a checkpoint, an artifact or the shipped weights (neither given) on `data`."""
     import torch
     from tqdm import tqdm
@@ -77,6 +79,8 @@ def evaluate(data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = 
 
     if checkpoint is not None and artifact is not None:
         raise UserError("give --checkpoint or --artifact, not both")
+    if size is not None and not 16 <= int(size) <= 4096:
+        raise UserError(f"--size must be an input side in pixels between 16 and 4096, got {size}")
     data = Path(data)
     data_classes = find_classes(data)  # DataError for a missing/empty directory
     if threads:
@@ -91,6 +95,10 @@ def evaluate(data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = 
             raise UserError(f"{artifact} has no manifest ({Path(str(artifact) + '.json').name}); it tells the input size, "
                             "normalisation and labels")
         dcfg = deploy_cfg or deploy_cfg_from_manifest(manifest)
+        if size is not None and tuple(dcfg.image_size) != (size, size):
+            h, w = dcfg.image_size
+            raise UserError(f"--size {size}: {Path(artifact).name} was exported with a static {h}x{w} input; "
+                            f"evaluate it without --size, or export it at {size} px")
         name, source = manifest.get("model", "?"), f"artifact {Path(artifact).name}"
         batch = int(manifest["input"]["shape"][0]) if manifest["input"]["shape"][0] else 1
 
@@ -127,6 +135,8 @@ def evaluate(data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = 
             from .models import get_deploy_cfg
 
             dcfg = get_deploy_cfg(name, num_classes=len(data_classes), labels=data_classes)
+        if size is not None:
+            dcfg = replace(dcfg, input_size=(3, int(size), int(size)))
         net = create_model(name, checkpoint=str(checkpoint), deploy_cfg=dcfg).eval()
         batch = batch_size
 
@@ -162,6 +172,7 @@ def main(argv=None) -> int:
     g.add_argument("--checkpoint", help=".safetensors / .pt weights (sibling .json gives model and preprocessing)")
     g.add_argument("--artifact", help="exported .pte / .onnx (/.mlpackage on macOS); its manifest gives the preprocessing")
     p.add_argument("--model", help="model name (default: from the checkpoint JSON, else mobilevit_xxs)")
+    p.add_argument("--size", type=int, help="input side S: evaluate at S x S instead of the deploy size (checkpoints)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--limit", type=int, help="evaluate only N images spread over DIR")
     p.add_argument("--threads", type=int, help="torch / runtime threads")
@@ -171,7 +182,7 @@ def main(argv=None) -> int:
     if a.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     r = evaluate(a.data, checkpoint=a.checkpoint, artifact=a.artifact, model=a.model, batch_size=a.batch_size,
-                 limit=a.limit, progress=not a.no_progress, threads=a.threads)
+                 limit=a.limit, progress=not a.no_progress, threads=a.threads, size=a.size)
     print(r.line(a.data))
     if a.json:
         from .checkpoint import atomic_write

@@ -14,16 +14,31 @@ so a batch is run one image at a time.
 - `.mlpackage`: Core ML, macOS only (raises UserError elsewhere). The model ends in a softmax, so the
   runner returns log-probabilities (`output_kind == "log_probabilities"`: logits up to a per-row
   constant, same argmax).
+
+`runner.bind(x)` binds one input [1, 3, H, W] for timing: `call()` is the runtime's own inference
+call and nothing else (`Method.execute`, `InferenceSession.run`, `MLModel.predict`), `output()` one
+inference returning the artifact's output as a float32 tensor [1, C] (the benchmark uses both).
 """
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
 
 SUFFIXES = (".pte", ".onnx", ".mlpackage")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An artifact's inference bound to one input (see the module docstring)."""
+
+    call: Callable[[], object]
+    output: Callable[[], object]
+    runner: object = None  # keeps the loaded program alive while the calls are in use
 
 
 class Runner:
@@ -59,6 +74,9 @@ class Runner:
     def run_one(self, x):  # x: [1, 3, H, W]
         raise NotImplementedError
 
+    def bind(self, x) -> Bound:  # x: [1, 3, H, W]
+        raise NotImplementedError
+
     def __call__(self, x):
         import torch
 
@@ -66,7 +84,8 @@ class Runner:
         return torch.cat([self.run_one(x[i:i + 1]) for i in range(x.shape[0])], dim=0)
 
     def __repr__(self):
-        return f"{type(self).__name__}({str(self.path)!r}, input_shape={self.input_shape}, num_threads={self.num_threads})"
+        return (f"{type(self).__name__}({str(self.path)!r}, input_shape={self.input_shape}, "
+                f"num_threads={self.num_threads})")
 
 
 class ExecuTorchRunner(Runner):
@@ -74,9 +93,8 @@ class ExecuTorchRunner(Runner):
 
     def __init__(self, path: Path, num_threads: int | None = None):
         super().__init__(path)
-        from executorch.runtime import Runtime
-
         from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime
 
         if num_threads is not None:
             portable_lib._unsafe_reset_threadpool(int(num_threads))
@@ -94,6 +112,10 @@ class ExecuTorchRunner(Runner):
     def run_one(self, x):
         out = self._method.execute([x])
         return out[0].clone()  # the output may live in the method's planned memory, reused next call
+
+    def bind(self, x) -> Bound:
+        args, method = [x.contiguous()], self._method
+        return Bound(lambda: method.execute(args), lambda: method.execute(args)[0].clone(), self)
 
 
 def _explain_pte_failure(path, runtime, err) -> str:
@@ -122,11 +144,13 @@ class OnnxRuntimeRunner(Runner):
         if num_threads is not None:
             so.intra_op_num_threads = int(num_threads)
             so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             self._sess = ort.InferenceSession(str(self.path), sess_options=so, providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise UserError(f"cannot load {self.path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise UserError(f"cannot load {self.path}: {type(e).__name__}: {first}") from e
         self.num_threads = int(num_threads) if num_threads is not None else None
         inp = self._sess.get_inputs()[0]
         self._input_name = inp.name
@@ -137,6 +161,12 @@ class OnnxRuntimeRunner(Runner):
         import torch
 
         return torch.from_numpy(self._sess.run(None, {self._input_name: x.numpy()})[0])
+
+    def bind(self, x) -> Bound:
+        import torch
+
+        sess, feed = self._sess, {self._input_name: x.contiguous().numpy()}
+        return Bound(lambda: sess.run(None, feed), lambda: torch.from_numpy(sess.run(None, feed)[0].copy()), self)
 
     def __call__(self, x):
         import torch
@@ -160,7 +190,8 @@ class CoreMLRunner(Runner):
 
         m = self.manifest
         if m is None or "deploy_cfg" not in m:
-            raise UserError(f"{path.name}: the Core ML runner needs the manifest beside it (for the input normalisation)")
+            raise UserError(f"{path.name}: the Core ML runner needs the manifest beside it "
+                            "(for the input normalisation)")
         self.deploy_cfg = DeployCfg.from_dict(m["deploy_cfg"])
         self.input_shape = (1, *self.deploy_cfg.input_size)
 
@@ -169,9 +200,26 @@ class CoreMLRunner(Runner):
 
         return predict_probs(self._model, x, self.deploy_cfg).clamp_min(1e-30).log()
 
+    def bind(self, x) -> Bound:
+        """`output()` is the classifier's probabilities (in label order), as the artifact returns them."""
+        import torch
 
-def load_artifact(path: str | os.PathLike, num_threads: int | None = None) -> Runner:
-    """A Runner for a `.pte`, `.onnx` or (macOS only) `.mlpackage` artifact."""
+        from .export.coreml import OUTPUT_PROBS, tensor_to_pil
+
+        model, labels = self._model, self.deploy_cfg.class_labels
+        feed = {"image": tensor_to_pil(x[0], self.deploy_cfg)}
+
+        def output():
+            probs = model.predict(feed)[OUTPUT_PROBS]
+            return torch.tensor([[float(probs[k]) for k in labels]], dtype=torch.float32)
+
+        return Bound(lambda: model.predict(feed), output, self)
+
+
+def load_artifact(path: str | os.PathLike, num_threads: int | None = None, *,
+                  compute_units: str = "CPU_ONLY") -> Runner:
+    """A Runner for a `.pte`, `.onnx` or (macOS only) `.mlpackage` artifact (`compute_units`: Core ML's
+    `coremltools.ComputeUnit` name)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"artifact not found: {p}")
@@ -184,4 +232,4 @@ def load_artifact(path: str | os.PathLike, num_threads: int | None = None) -> Ru
         return ExecuTorchRunner(p, num_threads)
     if suffix == ".onnx":
         return OnnxRuntimeRunner(p, num_threads)
-    return CoreMLRunner(p, num_threads)
+    return CoreMLRunner(p, num_threads, compute_units)

@@ -18,6 +18,8 @@ from pathlib import Path
 from .errors import UserError
 
 DEFAULT_NUM_IMAGES = 8
+# Shipped sample images a quantized artifact is compared with fp32 on (all 40): `compare_with_fp32`.
+ACCURACY_IMAGES = 40
 # Pass thresholds for the numeric comparison (a float artifact; quantized schemes set their own).
 MIN_SQNR_DB = {"fp32": 30.0, "fp16": 20.0}
 
@@ -83,6 +85,28 @@ def eager_logits(model, x):
 
     with torch.no_grad():
         return model.eval()(x).float()
+
+
+def batched_logits(run, x, batch: int = 100):
+    """`run(x)` (a module or an artifact's runner) over `x` in chunks of `batch`, float32, no grad."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([run(x[i:i + batch]).float() for i in range(0, x.shape[0], batch)])
+
+
+def compare_with_fp32(fp32_model, run, deploy_cfg, *, num_images: int = ACCURACY_IMAGES, method: str = "") -> dict:
+    """SQNR / top-1 agreement of `run(x)` (an artifact's runner or a torch-side module) against the fp32
+    model's logits on the shipped sample images: the manifest's `quantization.accuracy` block."""
+    import torch
+
+    x, names = sample_batch(deploy_cfg, num_images)
+    ref = eager_logits(fp32_model, x)
+    with torch.no_grad():
+        test = run(x).float()
+    c = compare(ref, test)
+    return {"images": len(names), "compared_with": "fp32 PyTorch model (logits)", "method": method,
+            "sqnr_db": c["sqnr_db"], "top1_agreement": c["top1_agreement"], "max_abs_diff": c["max_abs_diff"]}
 
 
 def verify_artifact(

@@ -11,8 +11,13 @@ import pytest
 from mobilevit_deploy.bench import baseline as bl
 from mobilevit_deploy.bench import report as rp
 from mobilevit_deploy.bench import stats
-from mobilevit_deploy.bench.device_report import (build_device_report, load_device_report, modelbench_stats,
-                                                  parse_device_report, write_device_report)
+from mobilevit_deploy.bench.device_report import (
+    build_device_report,
+    load_device_report,
+    modelbench_stats,
+    parse_device_report,
+    write_device_report,
+)
 from mobilevit_deploy.bench.paper import compare_device_report, paper_figure, paper_figures
 from mobilevit_deploy.errors import UserError
 
@@ -190,7 +195,8 @@ def test_compare_noise_inside_tolerance_and_faster_rows():
 def test_compare_missing_and_new_rows():
     cur = _rows()
     cur[1] = dict(cur[1], status="failed", reason="export broke")
-    cur.append({"model": "mobilevit_xs", "target": "onnx", "quant": "fp32", "status": "ok", "median_ms": 9.0, "ratio": 1.0})
+    cur.append({"model": "mobilevit_xs", "target": "onnx", "quant": "fp32", "status": "ok", "median_ms": 9.0,
+                "ratio": 1.0})
     v = bl.compare(cur, {"rows": _rows()}, 0.25)
     verdicts = {(x["target"], x["model"]): x for x in v}
     assert verdicts[("executorch", "mobilevit_xxs")]["verdict"] == "MISSING"
@@ -238,7 +244,8 @@ def _doc():
                  "status": "skipped", "reason": "quantization is not available yet"})
     return {"machine": {"cpu": "test cpu", "cores": 2, "platform": "linux", "load_avg_1min_at_start": 0.1},
             "tools": {"torch": "x"}, "settings": {"threads": 1, "warmup": 1, "rounds": 2, "iters": 3, "passes": 1},
-            "peak": {"gflops_per_s": 100.0, "n": 2048}, "reference": {"what": "mm", "median_ms": 10.0, "gflops_per_s": 200.0},
+            "peak": {"gflops_per_s": 100.0, "n": 2048},
+            "reference": {"what": "mm", "median_ms": 10.0, "gflops_per_s": 200.0},
             "rows": rows, "command": "python -m mobilevit_deploy.bench"}
 
 
@@ -250,7 +257,8 @@ def test_report_markdown_plots_and_targets(tmp_path):
     verdicts = bl.compare(doc["rows"], {"rows": _rows()}, 0.25)
     p = rp.write_report(doc, tmp_path / "out" / "report.md", drows, verdicts, 0.25)
     text = p.read_text()
-    for png in ("report_latency.png", "report_latency_vs_size.png", "report_latency_vs_accuracy.png", "report_devices.png"):
+    for png in ("report_latency.png", "report_latency_vs_size.png", "report_latency_vs_accuracy.png",
+                "report_devices.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
         assert f"]({png})" in text
     assert "quantization is not available yet" in text and "**not met**" in text and "7.28" in text

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from mobilevit_deploy.bench.__main__ import main
-from mobilevit_deploy.bench.harness import _Slot, time_round_robin
-from mobilevit_deploy.bench.runners import Runner
+from mobilevit_deploy.bench.timing import Timed, time_round_robin
 
 torch = pytest.importorskip("torch")
 
@@ -29,8 +28,7 @@ def _work(units):
 
 
 def test_round_robin_ratio_tracks_a_2x_slower_runner():
-    fast, slow = (_Slot(("m", t, "fp32"), Runner(t, "fp32", _work(u), _work(u), 1))
-                  for t, u in (("a", 1), ("b", 2)))
+    fast, slow = (Timed(("m", t, "fp32"), _work(u)) for t, u in (("a", 1), ("b", 2)))
     ticks = []
     # 9 rounds: the ratio is a median over rounds, so a few rounds hit by another process do not move it
     ref = time_round_robin([fast, slow], _work(1), warmup=1, rounds=9, iters=5, tick=lambda: ticks.append(1))

@@ -48,7 +48,8 @@ def test_unknown_model_names_the_choices():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(input_size=(1, 32, 32)), dict(crop_pct=0.0), dict(interpolation="lanczos"), dict(num_classes=3, labels=("a", "b"))],
+    [dict(input_size=(1, 32, 32)), dict(crop_pct=0.0), dict(interpolation="lanczos"),
+     dict(num_classes=3, labels=("a", "b"))],
 )
 def test_deploy_cfg_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):

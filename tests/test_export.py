@@ -11,17 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_model
 from mobilevit_deploy.checkpoint import file_sha256, save_safetensors
 from mobilevit_deploy.errors import CheckpointError, UserError
-from mobilevit_deploy.export import artifact_path, export_model
+from mobilevit_deploy.export import ExportConfig, ModelSource, artifact_path, export_model
 from mobilevit_deploy.export.manifest import manifest_path_for
 from mobilevit_deploy.models import CIFAR10_LABELS, IMAGENET_MEAN, IMAGENET_STD
 from mobilevit_deploy.verify import max_abs_diff, sample_batch, sqnr_db, top1_agreement
 
+from conftest import make_tiny_model
+
 # Ops the XNNPACK delegate (executorch 1.5.1) leaves to the portable kernels for these models.
 XNNPACK_ALLOWED_OUTSIDE = {"aten.native_layer_norm.default", "aten.expand_copy.default", "aten.squeeze_copy.dims"}
-CONTRACT_KEYS = {"schema_version", "model", "target", "backend", "precision", "quantization", "input", "output", "labels",
+CONTRACT_KEYS = {"schema_version", "model", "target", "backend", "precision", "quantization", "input", "output",
+                 "labels",
                  "checkpoint", "artifact", "verification", "ops_not_delegated", "tools", "created"}
 
 
@@ -91,7 +93,8 @@ def exports(tmp_path_factory, xxs_small):
 
     def get(target):
         if target not in cache:
-            cache[target] = export_model("mobilevit_xxs", target, model=xxs_small, out_dir=out)
+            cache[target] = export_model(ModelSource("mobilevit_xxs", module=xxs_small), ExportConfig(target),
+                                         out_dir=out)
         return cache[target]
 
     return get
@@ -154,7 +157,8 @@ def test_coreml_spec(exports):
     res = exports("coreml")
     assert res.artifact.name == "mobilevit_xxs.mlpackage" and res.artifact.is_dir()
     m = _check_manifest_common(res, "coreml", "mlprogram", "fp16")
-    assert m["input"]["kind"] == "image" and m["input"]["scale"] == pytest.approx(1 / 255) and m["input"]["bias"] == [0, 0, 0]
+    assert m["input"]["kind"] == "image" and m["input"]["scale"] == pytest.approx(1 / 255)
+    assert m["input"]["bias"] == [0, 0, 0]
     assert "channel_scale_in_graph" not in m["input"]  # MobileViT's std is uniform: exact without it
     assert m["output"]["name"] == "classLabel_probs" and m["output"]["kind"] == "probabilities"
     assert m["minimum_deployment_target"] == "iOS16"
@@ -184,7 +188,8 @@ def test_coreml_spec(exports):
 @pytest.fixture(scope="module")
 def tiny_coreml_fp32(tmp_path_factory):
     m = make_tiny_model(32, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    res = export_model("tiny", "coreml", model=m, precision="fp32", out_dir=tmp_path_factory.mktemp("cm"))
+    res = export_model(ModelSource("tiny", module=m), ExportConfig("coreml", precision="fp32"),
+                       out_dir=tmp_path_factory.mktemp("cm"))
     return m, res
 
 
@@ -241,7 +246,7 @@ def test_coreml_predict_matches_eager_macos(exports, xxs_small):
 
 def test_executorch_coreml_delegate_structural(tmp_path):
     m = make_tiny_model(32)
-    res = export_model("tiny", "executorch", backend="coreml", model=m, out_dir=tmp_path)
+    res = export_model(ModelSource("tiny", module=m), ExportConfig("executorch", backend="coreml"), out_dir=tmp_path)
     assert res.artifact.name == "tiny_coreml.pte"
     man = json.loads(res.manifest_path.read_text())
     assert man["backend"] == "coreml" and man["precision"] == "fp16" and man["ops_not_delegated"] == []
@@ -253,7 +258,8 @@ def test_executorch_coreml_delegate_structural(tmp_path):
 
 @pytest.mark.slow
 def test_executorch_coreml_delegate_mobilevit(tmp_path, xxs_small):
-    res = export_model("mobilevit_xxs", "executorch", backend="coreml", model=xxs_small, out_dir=tmp_path)
+    res = export_model(ModelSource("mobilevit_xxs", module=xxs_small), ExportConfig("executorch", backend="coreml"),
+                       out_dir=tmp_path)
     v = res.manifest["verification"]
     assert v["passed"] and all(v["checks"].values()) and res.manifest["ops_not_delegated"] == []
 
@@ -267,29 +273,31 @@ def _no_artifacts(d: Path):
 def test_unknown_target_and_backend_and_quant(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(UserError, match=r"unknown target 'tflite' \(choose from: coreml, executorch, onnx\)"):
-        export_model("mobilevit_xxs", "tflite", out_dir=out)
+        export_model("mobilevit_xxs", ExportConfig("tflite"), out_dir=out)
     with pytest.raises(UserError, match="choose from: xnnpack, coreml"):
-        export_model("mobilevit_xxs", "executorch", backend="mps", out_dir=out)
+        export_model("mobilevit_xxs", ExportConfig("executorch", backend="mps"), out_dir=out)
     with pytest.raises(UserError, match=r"(?i)quantiz|scheme"):  # no such scheme (or none wired for onnx)
-        export_model("mobilevit_xxs", "onnx", quant="int3-made-up", out_dir=out)
+        export_model("mobilevit_xxs", {"target": "onnx", "quant": "int3-made-up"}, out_dir=out)
     with pytest.raises(UserError, match="need a quantization scheme"):
-        export_model("mobilevit_xxs", "onnx", calib_size=8, out_dir=out)
+        export_model("mobilevit_xxs", {"target": "onnx", "calib_size": 8}, out_dir=out)
     with pytest.raises(UserError, match="choose from: fp32"):
-        export_model("mobilevit_xxs", "onnx", precision="fp16", out_dir=out)
+        export_model("mobilevit_xxs", ExportConfig("onnx", precision="fp16"), out_dir=out)
+    with pytest.raises(UserError, match="unknown export config key"):
+        export_model("mobilevit_xxs", {"target": "onnx", "quantize": "int8"}, out_dir=out)
     assert not out.exists()
 
 
 def test_unknown_model_lists_choices(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(UserError, match=r"unknown model 'mobilevit_xxxl' \(choose from: .*mobilevit_xxs"):
-        export_model("mobilevit_xxxl", "onnx", out_dir=out)
+        export_model("mobilevit_xxxl", ExportConfig("onnx"), out_dir=out)
     assert not out.exists()  # the directory it created is removed again
 
 
 def test_missing_checkpoint(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(CheckpointError, match="checkpoint not found"):
-        export_model("mobilevit_xxs", "onnx", checkpoint=tmp_path / "nope.safetensors", out_dir=out)
+        export_model(ModelSource("mobilevit_xxs", tmp_path / "nope.safetensors"), ExportConfig("onnx"), out_dir=out)
     assert _no_artifacts(out)
 
 
@@ -300,13 +308,13 @@ def test_mismatched_checkpoint(tmp_path):
     save_safetensors(create_model("mobilevit_xs", num_classes=10).state_dict(), ck)
     out = tmp_path / "out"
     with pytest.raises(CheckpointError, match="does not match"):
-        export_model("mobilevit_xxs", "onnx", checkpoint=ck, num_classes=10, out_dir=out)
+        export_model(ModelSource("mobilevit_xxs", ck, num_classes=10), ExportConfig("onnx"), out_dir=out)
     assert _no_artifacts(out)
     # right architecture, wrong number of classes: the error suggests --num-classes
     ck10 = tmp_path / "xxs10.safetensors"
     save_safetensors(create_model("mobilevit_xxs", num_classes=10).state_dict(), ck10)
     with pytest.raises(CheckpointError, match="--num-classes"):
-        export_model("mobilevit_xxs", "onnx", checkpoint=ck10, out_dir=out)
+        export_model(ModelSource("mobilevit_xxs", ck10), ExportConfig("onnx"), out_dir=out)
     assert _no_artifacts(out)
 
 
@@ -314,9 +322,9 @@ def test_unwritable_out(tmp_path):
     f = tmp_path / "a_file"
     f.write_text("x")
     with pytest.raises(UserError, match="not a directory"):
-        export_model("mobilevit_xxs", "onnx", out_dir=f)
+        export_model("mobilevit_xxs", ExportConfig("onnx"), out_dir=f)
     with pytest.raises(UserError, match="not writable"):
-        export_model("mobilevit_xxs", "onnx", out_dir=f / "sub")
+        export_model("mobilevit_xxs", ExportConfig("onnx"), out_dir=f / "sub")
 
 
 def test_failure_midway_leaves_nothing_and_keeps_old_artifact(tmp_path, monkeypatch):
@@ -324,7 +332,7 @@ def test_failure_midway_leaves_nothing_and_keeps_old_artifact(tmp_path, monkeypa
 
     m = make_tiny_model(32)
     out = tmp_path / "out"
-    good = export_model("tiny", "onnx", model=m, out_dir=out)
+    good = export_model(ModelSource("tiny", module=m), ExportConfig("onnx"), out_dir=out)
     before = (file_sha256(good.artifact), good.manifest_path.read_text())
 
     def boom(*a, **k):
@@ -333,21 +341,22 @@ def test_failure_midway_leaves_nothing_and_keeps_old_artifact(tmp_path, monkeypa
     monkeypatch.setattr(verify_mod, "verify_artifact", boom)
     m2 = make_tiny_model(32, seed=1)
     with pytest.raises(RuntimeError, match="simulated"):
-        export_model("tiny", "onnx", model=m2, out_dir=out)
+        export_model(ModelSource("tiny", module=m2), ExportConfig("onnx"), out_dir=out)
     assert sorted(p.name for p in out.iterdir()) == ["tiny.onnx", "tiny.onnx.json"]  # no staging dir left
     assert (file_sha256(good.artifact), good.manifest_path.read_text()) == before
     # a fresh directory is not left behind either
     with pytest.raises(RuntimeError, match="simulated"):
-        export_model("tiny", "onnx", model=m2, out_dir=tmp_path / "fresh")
+        export_model(ModelSource("tiny", module=m2), ExportConfig("onnx"), out_dir=tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()
 
 
 def test_module_checkpoint_hash_and_untrained_flag(tmp_path):
     m = make_tiny_model(32)
-    res = export_model("tiny", "onnx", model=m, out_dir=tmp_path, verify=False)
+    res = export_model(ModelSource("tiny", module=m), ExportConfig("onnx", verify=False), out_dir=tmp_path)
     ck = res.manifest["checkpoint"]
     assert ck["path"] is None and len(ck["sha256"]) == 64 and res.manifest["verification"] is None
-    res2 = export_model("tiny", "onnx", model=make_tiny_model(32, seed=3), out_dir=tmp_path, verify=False)
+    res2 = export_model(ModelSource("tiny", module=make_tiny_model(32, seed=3)), ExportConfig("onnx", verify=False),
+                        out_dir=tmp_path)
     assert res2.manifest["checkpoint"]["sha256"] != ck["sha256"]
 
 
@@ -361,7 +370,7 @@ def test_every_model_default_size(tmp_path, name, target):
 
     torch.manual_seed(0)
     m = create_model(name, num_classes=10, labels=CIFAR10_LABELS)
-    res = export_model(name, target, model=m, out_dir=tmp_path)
+    res = export_model(ModelSource(name, module=m), ExportConfig(target), out_dir=tmp_path)
     v = res.manifest["verification"]
     assert v["passed"], v
     if target != "coreml":

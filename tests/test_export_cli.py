@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from mobilevit_deploy.cli import run_cli
 from mobilevit_deploy.export.__main__ import main
 
@@ -28,8 +26,10 @@ def _run_module(*args, timeout=900):
 
 def test_import_export_is_light():
     code = (
-        "import sys, mobilevit_deploy.export, mobilevit_deploy.export.__main__, mobilevit_deploy.runtime, mobilevit_deploy.verify\n"
-        "print(','.join(m for m in ('torch', 'coremltools', 'executorch', 'onnxruntime', 'onnx', 'onnxscript') if m in sys.modules))\n"
+        "import sys, mobilevit_deploy.export, mobilevit_deploy.export.__main__, mobilevit_deploy.runtime, "
+        "mobilevit_deploy.verify, mobilevit_deploy.quantize.__main__\n"
+        "heavy = ('torch', 'coremltools', 'executorch', 'onnxruntime', 'onnx', 'onnxscript')\n"
+        "print(','.join(m for m in heavy if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"importing the export CLI pulled in {out.stdout.strip()}"
@@ -44,7 +44,7 @@ def test_cli_end_to_end_default(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     for stage in ("capture:", "lower:", "verify:", "write:"):
-        assert sum(l.startswith(stage) for l in lines) == 1, (stage, r.stdout)
+        assert sum(line.startswith(stage) for line in lines) == 1, (stage, r.stdout)
     art = out / "mobilevit_xxs.onnx"
     man = json.loads((out / "mobilevit_xxs.onnx.json").read_text())
     assert art.is_file() and sorted(p.name for p in out.iterdir()) == ["mobilevit_xxs.onnx", "mobilevit_xxs.onnx.json"]
@@ -89,7 +89,8 @@ def test_cli_unknown_backend(tmp_path, capsys):
 
 
 def test_cli_missing_checkpoint(tmp_path, capsys):
-    rc, out, err = _cli(["--target", "onnx", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")], capsys)
+    argv = ["--target", "onnx", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]
+    rc, out, err = _cli(argv, capsys)
     assert rc == 2 and err.startswith("error: checkpoint not found:") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 

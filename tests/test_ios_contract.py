@@ -148,10 +148,12 @@ def check_report_schema(d: dict):
     """docs/contracts.md section 2, checked here independently of the Python reader."""
     assert set(d) == set(contract_example(2)), "top-level keys differ from the contract"
     assert d["schema_version"] == 1
-    assert set(d["device"]) == {"name", "identifier", "os"} and all(isinstance(v, str) and v for v in d["device"].values())
+    assert set(d["device"]) == {"name", "identifier", "os"}
+    assert all(isinstance(v, str) and v for v in d["device"].values())
     assert d["compute_units"] in ("all", "cpuAndNeuralEngine", "cpuAndGPU", "cpuOnly")
     assert isinstance(d["model"], str) and isinstance(d["precision"], str) and isinstance(d["artifact_sha256"], str)
-    assert isinstance(d["input_size"], list) and len(d["input_size"]) == 2 and all(type(x) is int and x > 0 for x in d["input_size"])
+    assert isinstance(d["input_size"], list) and len(d["input_size"]) == 2
+    assert all(type(x) is int and x > 0 for x in d["input_size"])
     m = d["method"]
     assert set(m) == set(contract_example(2)["method"])
     assert m["name"] == "modelbench" and all(type(m[k]) is int for k in m if k != "name")
@@ -327,20 +329,21 @@ def test_python_manifest_writer_decodes_in_swift(swift_bins, tmp_path):
     """A manifest from the exporter's own writer (build_manifest/input_spec/write_manifest), with a
     non-square input, ImageNet normalisation and an infinite SQNR, decodes in Swift to the same facts."""
     mf = pytest.importorskip("mobilevit_deploy.export.manifest")
+    from mobilevit_deploy.export import ExportConfig
     from mobilevit_deploy.models import DeployCfg
+    from mobilevit_deploy.pretrained import LoadedModel
 
     labels = tuple(f"label {i}" for i in range(7))
     cfg = DeployCfg(input_size=(3, 96, 160), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                     crop_pct=0.875, interpolation="bilinear", num_classes=7, labels=labels)
+    source = LoadedModel(None, "mobilevit_test", cfg, {"path": None, "sha256": "untrained"})
     manifest = mf.build_manifest(
-        model="mobilevit_test", target="coreml", backend="mlprogram", precision="fp16", deploy_cfg=cfg,
-        input=mf.input_spec(cfg, kind="image"),
-        output={"name": "classLabel_probs", "shape": [1, 7], "kind": "probabilities", "label_output": "classLabel"},
-        checkpoint={"path": None, "sha256": "untrained"}, artifact_file="mobilevit_test.mlpackage",
-        artifact_sha256="ab" * 32, artifact_size=123,
+        ExportConfig("coreml"), source, {"file": "mobilevit_test.mlpackage", "sha256": "ab" * 32, "size_bytes": 123},
         verification={"images": 8, "method": "coreml spec check (Linux)", "sqnr_db": float("inf"),
                       "max_abs_diff": 0.0, "top1_agreement": 1.0, "checks": {"ml_program": True}},
     )
+    assert manifest["output"] == {"name": "classLabel_probs", "shape": [1, 7], "kind": "probabilities",
+                                  "label_output": "classLabel"}
     path = tmp_path / "mobilevit_test.mlpackage.json"
     mf.write_manifest(path, manifest)
     j = mvkit_manifest_json(swift_bins, path, "--image-size", "640x480")
@@ -379,11 +382,11 @@ def test_swift_crop_matches_python_eval_transform(swift_bins, tmp_path):
     for size, crop_pct, iw, ih in cases:
         cfg = DeployCfg(input_size=size, crop_pct=crop_pct, interpolation="nearest", num_classes=2)
         mf = pytest.importorskip("mobilevit_deploy.export.manifest")
-        m = mf.build_manifest(
-            model="m", target="coreml", backend="mlprogram", precision="fp16", deploy_cfg=cfg,
-            input=mf.input_spec(cfg, kind="image"), output={"name": "y", "shape": [1, 2], "kind": "logits"},
-            checkpoint={"path": None, "sha256": "untrained"}, artifact_file="m.mlpackage", artifact_sha256="0",
-            artifact_size=1, verification=None)
+        from mobilevit_deploy.export import ExportConfig
+        from mobilevit_deploy.pretrained import LoadedModel
+
+        source = LoadedModel(None, "m", cfg, {"path": None, "sha256": "untrained"})
+        m = mf.build_manifest(ExportConfig("coreml"), source, {"file": "m.mlpackage", "sha256": "0", "size_bytes": 1})
         path = tmp_path / "m.mlpackage.json"
         mf.write_manifest(path, m)
         x, y, w, h = mvkit_manifest_json(swift_bins, path, "--image-size", f"{iw}x{ih}")["crop_rect"]
@@ -393,7 +396,7 @@ def test_swift_crop_matches_python_eval_transform(swift_bins, tmp_path):
         t = eval_transform(cfg)(PIL.fromarray(img, "RGB"))  # [3, H, W], mean 0 / std 1 -> pixel / 255
         px = (t.numpy() * 255).round().astype(int)
 
-        def src(r, c):
+        def src(r, c, px=px):
             return px[0, r, c] + 256 * (px[2, r, c] % 16), px[1, r, c] + 256 * (px[2, r, c] // 16)
 
         H, W = size[1], size[2]
@@ -415,8 +418,8 @@ def test_real_coreml_export_to_swift_and_back(swift_bins, tmp_path):
     from mobilevit_deploy import get_deploy_cfg
 
     cfg = dataclasses.replace(get_deploy_cfg("mobilevit_xxs", num_classes=10), input_size=(3, 64, 96))
-    res = export.export_model("mobilevit_xxs", target="coreml", out_dir=tmp_path / "artifacts", num_classes=10,
-                              deploy_cfg=cfg, log=None)
+    res = export.export_model(export.ModelSource("mobilevit_xxs", num_classes=10, deploy_cfg=cfg),
+                              export.ExportConfig("coreml"), out_dir=tmp_path / "artifacts", log=None)
     manifest = json.loads(Path(res.manifest_path).read_text())
     j = mvkit_manifest_json(swift_bins, res.manifest_path)
     assert j["input_size"] == [64, 96]
@@ -499,9 +502,10 @@ def test_pbxproj_is_consistent(pbx):
     assert [objects[f]["productRef"] for f in frameworks["files"]] == [dep_id]
 
     # build settings the app relies on, in both configurations
-    for cfg_list, keys in ((project["buildConfigurationList"], {"IPHONEOS_DEPLOYMENT_TARGET": "17.0", "SDKROOT": "iphoneos"}),
-                           (target["buildConfigurationList"], {"COREML_CODEGEN_LANGUAGE": "None", "GENERATE_INFOPLIST_FILE": "YES",
-                                                               "SWIFT_VERSION": "5.0"})):
+    wanted = ((project["buildConfigurationList"], {"IPHONEOS_DEPLOYMENT_TARGET": "17.0", "SDKROOT": "iphoneos"}),
+              (target["buildConfigurationList"], {"COREML_CODEGEN_LANGUAGE": "None", "GENERATE_INFOPLIST_FILE": "YES",
+                                                  "SWIFT_VERSION": "5.0"}))
+    for cfg_list, keys in wanted:
         configs = [objects[c] for c in objects[cfg_list]["buildConfigurations"]]
         assert sorted(c["name"] for c in configs) == ["Debug", "Release"]
         for c in configs:

@@ -44,7 +44,10 @@ def _randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     with torch.no_grad():
         for k, v in model.state_dict().items():
             if v.is_floating_point():
-                r = torch.rand(v.shape, generator=g) + 0.5 if k.endswith("running_var") else torch.randn(v.shape, generator=g) * 0.2
+                if k.endswith("running_var"):
+                    r = torch.rand(v.shape, generator=g) + 0.5
+                else:
+                    r = torch.randn(v.shape, generator=g) * 0.2
                 v.copy_(r)
     return model.eval()
 
@@ -131,7 +134,8 @@ def test_attention_matches_textbook_reference():
     bias = torch.randn(4, 10, 10)  # per-head additive bias, e.g. a relative position bias
     with torch.no_grad():
         torch.testing.assert_close(attn(x), _reference_attention(attn, x), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(attn(x, attn_bias=bias[:, None]), _reference_attention(attn, x, bias), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(attn(x, attn_bias=bias[:, None]), _reference_attention(attn, x, bias),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def _reference_mobilevit_block(blk: MobileVitBlock, x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +163,8 @@ def test_mobilevit_block_matches_naive_reference(hw):
     with torch.no_grad():
         ref = _reference_mobilevit_block(blk, x)
         torch.testing.assert_close(blk(x), ref, rtol=1e-4, atol=1e-4)
-        assert (ref - blk.conv_fusion(torch.cat((x, blk.conv_proj(blk.conv_1x1(blk.conv_kxk(x)))), 1))).abs().max() > 1e-2
+        no_transformer = blk.conv_fusion(torch.cat((x, blk.conv_proj(blk.conv_1x1(blk.conv_kxk(x)))), 1))
+        assert (ref - no_transformer).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -224,3 +229,38 @@ def test_torch_export(name, size):
     if size == 256:  # core ATen, what ExecuTorch lowers (decomposition costs as much as the export)
         core_ops = {str(n.target) for n in ep.run_decompositions().graph.nodes if n.op == "call_function"}
         assert not [o for o in core_ops if re.search(banned, o)], sorted(core_ops)
+
+
+def test_typed_config_makes_every_width_overridable(tmp_path):
+    """Every width is a field of the typed config: a model with other widths (e.g. a pruned one) is built from
+    the config dict, and its weights load back into a model built from that dict."""
+    from mobilevit_deploy.models.mobilevit import MobileViTCfg, model_cfgs
+
+    base = create_model("mobilevit_xxs")
+    assert base.arch_cfg == model_cfgs["mobilevit_xxs"]
+    d = json.loads(json.dumps(base.arch_cfg.to_dict()))  # plain JSON
+    assert MobileViTCfg.from_dict(d) == base.arch_cfg
+    d["stem_chs"] = 8
+    d["stages"][1]["blocks"][1]["mid_chs"] = 40  # MV2 expansion channels of one block
+    d["stages"][3]["vit"].update(dim=64, mlp_hidden=[96, 128, 64], num_heads=2, out_chs=56)  # 3 layers, own widths
+    d["stages"][4]["blocks"][0]["out_chs"] = 72
+    d["num_features"] = 256
+    m = _randomize_(create_model("mobilevit_xxs", cfg=d, num_classes=10))
+    sd = m.state_dict()
+    assert sd["stem.conv.weight"].shape[0] == 8 and sd["stages.0.0.conv1_1x1.conv.weight"].shape[1] == 8
+    assert sd["stages.1.1.conv1_1x1.conv.weight"].shape[0] == 40
+    blk = m.stages[3][1]
+    assert len(blk.transformer) == 3 and blk.transformer[0].attn.num_heads == 2
+    assert [tuple(t.mlp.fc1.weight.shape) for t in blk.transformer] == [(96, 64), (128, 64), (64, 64)]
+    assert sd["stages.3.1.conv_fusion.conv.weight"].shape[0] == 56  # the block's out channels ...
+    assert sd["stages.4.0.conv1_1x1.conv.weight"].shape[1] == 56  # ... are the next stage's input
+    assert tuple(sd["final_conv.conv.weight"].shape[:2]) == (256, 72) and m.num_features == 256
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+    # the same model again from the dict, with its weights
+    path = save_safetensors(m.state_dict(), tmp_path / "pruned.safetensors")
+    again = create_model("mobilevit_xxs", cfg=d, num_classes=10, checkpoint=str(path))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(again(x), m(x))
+    # top-level fields as keyword overrides
+    assert create_model("mobilevit_xxs", num_features=256).final_conv.conv.weight.shape[0] == 256

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -123,7 +122,8 @@ def test_registry_and_configs():
     c = get_config("executorch", "int8", keep_float="auto:2,stem.*")
     assert c == Int8StaticConfig(keep_float=("stem.*",), keep_float_auto=2)
     assert get_config("executorch", "int8-dynamic", keep_float="head") == Int8DynamicConfig(keep_float=("head",))
-    with pytest.raises(UserError, match=r"unknown quantization scheme for executorch 'int4' \(choose from: int8, int8-dynamic\)"):
+    with pytest.raises(UserError,
+                       match=r"unknown quantization scheme for executorch 'int4' \(choose from: int8, int8-dynamic\)"):
         get_config("executorch", "int4")
     with pytest.raises(UserError, match="no quantization scheme for target 'onnx'"):
         get_config("onnx", "int8")
@@ -228,7 +228,7 @@ _EXPORTS: dict = {}
 @pytest.fixture(scope="module")
 def exported(small, tmp_path_factory):
     """export(target, scheme, **kw) -> ExportResult, each combination exported once per module."""
-    from mobilevit_deploy.export import export_model
+    from mobilevit_deploy.export import ModelSource, export_model
 
     out = tmp_path_factory.mktemp("ptq")
 
@@ -236,7 +236,8 @@ def exported(small, tmp_path_factory):
         key = (target, scheme, tuple(sorted(kw.items())))
         if key not in _EXPORTS:
             d = out / f"{target}_{scheme}_{len(_EXPORTS)}"
-            _EXPORTS[key] = export_model("small", target, model=small, out_dir=d, quant=scheme, log=None, **kw)
+            config = {"target": target, "quant": scheme, **kw}
+            _EXPORTS[key] = export_model(ModelSource("small", module=small), config, out_dir=d, log=None)
         return _EXPORTS[key]
 
     return export
@@ -340,7 +341,8 @@ def test_coreml_weight_scheme_reference_runs_like_a_module(small, scheme):
 
 def test_palette_size_and_error_order(exported):
     """Fewer bits: smaller artifact and larger error (both measured, not assumed)."""
-    q = {s: json.loads(exported("coreml", s).manifest_path.read_text())["quantization"] for s in ("w8", "palette6", "palette4")}
+    q = {s: json.loads(exported("coreml", s).manifest_path.read_text())["quantization"]
+         for s in ("w8", "palette6", "palette4")}
     assert q["palette4"]["size_bytes"] < q["palette6"]["size_bytes"] < q["w8"]["size_bytes"]
     assert q["palette4"]["accuracy"]["sqnr_db"] < q["palette6"]["accuracy"]["sqnr_db"] < q["w8"]["accuracy"]["sqnr_db"]
 
@@ -348,7 +350,7 @@ def test_palette_size_and_error_order(exported):
 # ---------------------------------------------------------------------------------------------- keep-float
 
 def test_keep_float_explicit_layer_stays_float(small):
-    from mobilevit_deploy.quantize._pt2e import module_path
+    from mobilevit_deploy.quantize.pt2e import module_path
 
     q = quantize_model(small, get_config("executorch", "int8", keep_float="qkv,fc*"), deploy_cfg=small.deploy_cfg,
                        calib=load_calibration(None, 16), progress=False)
@@ -424,10 +426,11 @@ def test_cli_empty_calibration_folder(tmp_path, capsys):
 @pytest.mark.slow
 def test_mobilevit_xxs_int8_size_and_numerics(tmp_path, xxs_small):
     """The issue's target on the real architecture (untrained, 64 px): int8 <= 0.35 x fp32."""
-    from mobilevit_deploy.export import export_model
+    from mobilevit_deploy.export import ExportConfig, ModelSource, export_model
 
-    res = export_model("mobilevit_xxs", "executorch", model=xxs_small, out_dir=tmp_path, quant="int8", log=None,
-                       calib_data=_image_folder(tmp_path / "calib"))
+    calib = _image_folder(tmp_path / "calib")
+    config = ExportConfig("executorch", quant=get_config("executorch", "int8", calib_data=calib))
+    res = export_model(ModelSource("mobilevit_xxs", module=xxs_small), config, out_dir=tmp_path, log=None)
     qb = res.manifest["quantization"]
     assert qb["size_ratio_fp32"] <= 0.35
     assert qb["calibration"]["shipped_samples"] is False and qb["calibration"]["images"] == 40

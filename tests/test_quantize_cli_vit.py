@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model
-from test_quantize import make_small_model
 
 from mobilevit_deploy.errors import UserError
 from mobilevit_deploy.quantize import (
@@ -30,6 +28,9 @@ from mobilevit_deploy.quantize import (
     schemes_accepting,
 )
 from mobilevit_deploy.verify import sample_batch, sqnr_db
+
+from conftest import make_tiny_model
+from test_quantize import make_small_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,17 +124,15 @@ def test_cli_refusal_leaves_existing_out_dir_untouched(tmp_path):
     assert list(out.iterdir()) == []
 
 
-def test_palette_mixed_default_budget_is_logged(monkeypatch):
-    from mobilevit_deploy.quantize import export_hooks
+def test_palette_mixed_default_budget_is_logged():
+    from mobilevit_deploy.export.__main__ import build_parser, config_from_args
 
-    model = make_tiny_model()
-    cfgs = []
-    monkeypatch.setattr(export_hooks, "quantize_model", lambda m, cfg, **kw: cfgs.append(cfg))
     for budget, said in ((None, True), (5.0, False)):
         logs = []
-        export_hooks.prepare(model, model.deploy_cfg, target="coreml", backend="mlprogram", quant="palette-mixed",
-                             weight_bits_budget=budget, log=logs.append)
-        assert cfgs[-1].budget_avg_bits == (6.0 if budget is None else budget)
+        argv = ["--target", "coreml", "--quant", "palette-mixed"] + ([] if budget is None else
+                                                                     ["--weight-bits-budget", str(budget)])
+        cfg = config_from_args(build_parser().parse_args(argv), log=logs.append)
+        assert cfg.quant.budget_avg_bits == (6.0 if budget is None else budget)
         default_said = any("no --weight-bits-budget given; using the default 6.0 average weight bits" in line
                            for line in logs)
         assert default_said == said, logs
@@ -142,18 +141,18 @@ def test_palette_mixed_default_budget_is_logged(monkeypatch):
 # ---------------------------------------------------------------------------------------------- end to end
 
 def _spy_quantize_model(monkeypatch) -> list:
-    """Record every QuantizedModel the export builds (export_hooks.prepare -> quantize_model)."""
-    from mobilevit_deploy.quantize import export_hooks
+    """Record every QuantizedModel the export builds (its Quantize stage -> quantize.quantize_model)."""
+    import mobilevit_deploy.quantize as quantize
 
     made = []
-    real = export_hooks.quantize_model
+    real = quantize.quantize_model
 
     def spy(*a, **kw):
         q = real(*a, **kw)
         made.append(q)
         return q
 
-    monkeypatch.setattr(export_hooks, "quantize_model", spy)
+    monkeypatch.setattr(quantize, "quantize_model", spy)
     return made
 
 
@@ -166,24 +165,24 @@ def test_export_executorch_int8_vit_end_to_end(tmp_path, monkeypatch):
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    import mobilevit_deploy.quantize as quantize
-    from mobilevit_deploy.export import export_model
+    import mobilevit_deploy.quantize.pt2e as pt2e
+    from mobilevit_deploy.export import ModelSource, export_model
     from mobilevit_deploy.runtime import load_artifact
 
     model = make_tiny_model()
     made = _spy_quantize_model(monkeypatch)
     observed = {}
-    real_vit = quantize._vit_calibration
+    real_vit = pt2e.vit_calibration
 
     def vit_spy(prepared, **kw):  # the minmax conversion of this exact observation pass, then the search
         observed["minmax"] = move_exported_model_to_eval(convert_pt2e(copy.deepcopy(prepared)))
         observed["calib_paths"] = kw["calib"].paths
         return real_vit(prepared, **kw)
 
-    monkeypatch.setattr(quantize, "_vit_calibration", vit_spy)
+    monkeypatch.setattr(pt2e, "vit_calibration", vit_spy)
     logs = []
-    res = export_model("tiny", "executorch", model=model, out_dir=tmp_path / "a", quant="int8", calibration="vit",
-                       keep_float="proj", calib_size=8, log=logs.append)
+    config = {"target": "executorch", "quant": "int8", "calibration": "vit", "keep_float": "proj", "calib_size": 8}
+    res = export_model(ModelSource("tiny", module=model), config, out_dir=tmp_path / "a", log=logs.append)
     assert res.artifact.name == "tiny_int8.pte" and res.artifact.is_file()
     man = json.loads(res.manifest_path.read_text())
     qb = man["quantization"]
@@ -206,7 +205,6 @@ def test_export_executorch_int8_vit_end_to_end(tmp_path, monkeypatch):
     got = load_artifact(res.artifact)(x)
     with torch.no_grad():
         want = q.module(x)
-        ref = model(x)
     assert got.shape == (8, 10) and torch.isfinite(got).all()
     assert sqnr_db(want, got) >= 20.0
     assert qb["accuracy"]["sqnr_db"] > 20.0
@@ -247,15 +245,15 @@ def _lut_sizes(mlpackage) -> list[int]:
 
 
 def test_export_coreml_palette_mixed_end_to_end(tmp_path, monkeypatch):
-    from mobilevit_deploy.export import export_model
+    from mobilevit_deploy.export import ExportConfig, ModelSource, export_model
     from mobilevit_deploy.export.coreml import spec_checks
 
     model = make_small_model()
     made = _spy_quantize_model(monkeypatch)
     budget = 5.0
-    res = export_model("small", "coreml", model=model, out_dir=tmp_path / "mixed", quant="palette-mixed",
-                       weight_bits_budget=budget, calib_size=16, log=None)
-    fp16 = export_model("small", "coreml", model=model, out_dir=tmp_path / "fp16", log=None)
+    config = {"target": "coreml", "quant": "palette-mixed", "weight_bits_budget": budget, "calib_size": 16}
+    res = export_model(ModelSource("small", module=model), config, out_dir=tmp_path / "mixed", log=None)
+    fp16 = export_model(ModelSource("small", module=model), ExportConfig("coreml"), out_dir=tmp_path / "fp16", log=None)
     assert res.artifact.name == "small_palette-mixed.mlpackage" and res.artifact.is_dir()
     man = json.loads(res.manifest_path.read_text())
     qb = man["quantization"]
@@ -278,11 +276,12 @@ def test_export_coreml_palette_mixed_end_to_end(tmp_path, monkeypatch):
     # the torch side holds the artifact's weights (read back), and the manifest's accuracy is from it
     assert "read back from the palettized Core ML program" in qb["torch_side"]
     assert qb["torch_side_weights"]["weights_read_back"] >= mp["layers"]
+    # the compress stage returned a new reference: the QuantizedModel it came from is unchanged
     (q,) = made
-    assert q.reference.ready
+    assert res.reference.ready and not q.reference.ready and res.reference is not q.reference
     x, _ = sample_batch(model.deploy_cfg, 40)
     with torch.no_grad():
-        s = sqnr_db(model(x), q.reference(x))
+        s = sqnr_db(model(x), res.reference(x))
     assert s == pytest.approx(qb["accuracy"]["sqnr_db"], abs=1e-6) and 20.0 < s < 200
     assert qb["accuracy"]["top1_agreement"] >= 0.9
 
@@ -304,14 +303,14 @@ def test_export_leaves_the_callers_model_unchanged(tmp_path, target, scheme):
     """A quantized export must not write into the fp32 model it was given (an exported graph shares
     the module's parameters: palette-mixed once read its palettized weights back into them, so the
     caller's model -- and the manifest's fp32 comparison -- silently became the palettized one)."""
-    from mobilevit_deploy.export import export_model
+    from mobilevit_deploy.export import ModelSource, export_model
 
     model = make_small_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     extra = {"calibration": "vit"} if scheme == "int8" else {}
-    res = export_model("small", target, model=model, out_dir=tmp_path, quant=scheme, calib_size=8, log=None, **extra)
+    config = {"target": target, "quant": scheme, "calib_size": 8, **extra}
+    res = export_model(ModelSource("small", module=model), config, out_dir=tmp_path, log=None)
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed == [], f"{target} {scheme} changed the caller's model: {changed[:5]}"
-    if res.quantized is not None and res.quantized.reference is not None:  # and the reference is not the model
-        assert all(p.data_ptr() != q.data_ptr() for p in model.parameters()
-                   for q in res.quantized.reference.parameters())
+    for ref in (res.quantized.reference, res.reference):  # and no reference is the model
+        assert all(p.data_ptr() != q.data_ptr() for p in model.parameters() for q in ref.parameters())

@@ -7,18 +7,20 @@ import sys
 import pytest
 import torch
 
-from conftest import make_tiny_model
 from mobilevit_deploy.errors import UserError
-from mobilevit_deploy.export import export_model
+from mobilevit_deploy.export import ExportConfig, ModelSource, export_model
 from mobilevit_deploy.runtime import load_artifact
 from mobilevit_deploy.verify import sqnr_db
+
+from conftest import make_tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_artifacts(tmp_path_factory):
     m = make_tiny_model(32)
     out = tmp_path_factory.mktemp("rt")
-    arts = {t: export_model("tiny", t, model=m, out_dir=out, verify=False).artifact for t in ("onnx", "executorch")}
+    arts = {t: export_model(ModelSource("tiny", module=m), ExportConfig(t, verify=False), out_dir=out).artifact
+            for t in ("onnx", "executorch")}
     return m, arts
 
 
@@ -97,6 +99,7 @@ def test_mlpackage_needs_macos(tmp_path):
 @pytest.mark.skipif(sys.platform == "darwin", reason="the Core ML delegate runs on Apple platforms")
 def test_coreml_delegate_pte_explains_why_it_cannot_run(tmp_path):
     m = make_tiny_model(32)
-    res = export_model("tiny", "executorch", backend="coreml", model=m, out_dir=tmp_path, verify=False)
+    res = export_model(ModelSource("tiny", module=m), ExportConfig("executorch", backend="coreml", verify=False),
+                       out_dir=tmp_path)
     with pytest.raises(UserError, match="CoreMLBackend.*does not provide"):
         load_artifact(res.artifact)

@@ -1,6 +1,5 @@
 """ViT-aware PTQ (Liu et al. 2021): the search objective, the ranking loss, the bit allocator, and the
 pt2e plumbing that carries the searched steps into convert_pt2e's q/dq nodes."""
-import math
 
 import pytest
 import torch
@@ -8,12 +7,20 @@ from torch import nn
 
 from mobilevit_deploy.errors import UserError
 from mobilevit_deploy.quantize.mixed_precision import (
-    MixedPrecisionConfig, allocate_bits, average_bits, kmeans_palettize, layer_sensitivities,
+    MixedPrecisionConfig,
+    allocate_bits,
+    average_bits,
+    kmeans_palettize,
+    layer_sensitivities,
 )
 from mobilevit_deploy.quantize.vit_ptq import (
-    VitPTQConfig, fake_quant, pearson, ranking_loss, search_grid, search_step,
+    VitPTQConfig,
+    fake_quant,
+    pearson,
+    ranking_loss,
+    search_grid,
+    search_step,
 )
-
 
 # ----------------------------------------------------------------------------------------------- math
 
@@ -23,11 +30,13 @@ def test_fake_quant_matches_quantized_decomposed_ops():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 6, 5, generator=g) * 3
     q = torch.ops.quantized_decomposed
-    ref = q.dequantize_per_tensor(q.quantize_per_tensor(x, 0.037, 5, -128, 127, torch.int8), 0.037, 5, -128, 127, torch.int8)
+    ref = q.dequantize_per_tensor(q.quantize_per_tensor(x, 0.037, 5, -128, 127, torch.int8),
+                                  0.037, 5, -128, 127, torch.int8)
     assert torch.equal(fake_quant(x, torch.tensor(0.037), torch.tensor(5), -128, 127), ref)
     s = torch.rand(6, generator=g) * 0.05 + 0.01
     z = torch.zeros(6, dtype=torch.int64)
-    refc = q.dequantize_per_channel(q.quantize_per_channel(x, s, z, 1, -127, 127, torch.int8), s, z, 1, -127, 127, torch.int8)
+    refc = q.dequantize_per_channel(q.quantize_per_channel(x, s, z, 1, -127, 127, torch.int8),
+                                    s, z, 1, -127, 127, torch.int8)
     assert torch.allclose(fake_quant(x, s, z, -127, 127, axis=1), refc, atol=0, rtol=1e-6)
 
 
@@ -40,7 +49,8 @@ def test_correlation_objective_picks_exact_step():
     k[0], k[1] = -120, 120
     x = k * s_star
     minmax_step = x.abs().max() / 127
-    steps = [minmax_step * a for a in (0.5, 0.8, 0.95, 1.0, 1.2)] + [torch.tensor(s_star)] + [s_star * 1.01, s_star * 0.99]
+    steps = ([minmax_step * a for a in (0.5, 0.8, 0.95, 1.0, 1.2)] + [torch.tensor(s_star)]
+             + [s_star * 1.01, s_star * 0.99])
 
     def obj(i):
         return pearson(x, fake_quant(x, steps[i], torch.tensor(0), -127, 127))
@@ -214,7 +224,8 @@ class _Tiny(nn.Module):
 
 def _prepared(model, x):
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer, get_symmetric_quantization_config,
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
     )
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
@@ -291,7 +302,8 @@ def test_searched_scales_reach_convert_pt2e(tiny_setup):
     assert any(name.startswith("_vit_ptq_bias_") for name, _ in p.named_parameters())
     # the sequential search simulates the converted model exactly (same q/dq at every observer)
     sim = simulate_converted(p, x)
-    w_obs = next(n for n in p.graph.nodes if n.op == "call_module" and getattr(n.args[0], "target", "") == "conv.weight")
+    w_obs = next(n for n in p.graph.nodes
+                 if n.op == "call_module" and getattr(n.args[0], "target", "") == "conv.weight")
     searched = p.get_submodule(w_obs.target)
     assert type(searched).__name__ == "SearchedQParamsObserver"
     conv = convert_pt2e(p)

@@ -7,8 +7,10 @@ import MobileViTKit
 final class BenchmarkRunner: ObservableObject {
     enum State {
         case idle
-        case running(BenchmarkProgress)
-        case finished(DeviceReport, URL)
+        /// The stage being measured, for a cascade.
+        case running(BenchmarkProgress, stage: String?)
+        /// The cascade's per-stage results, for a cascade model.
+        case finished(DeviceReport, URL, CascadeBenchmark?)
         case failed(String)
     }
 
@@ -23,32 +25,51 @@ final class BenchmarkRunner: ObservableObject {
         return false
     }
 
-    func start(classifier: CoreMLClassifier) {
+    /// A cascade is measured stage by stage; its report's top level is the last stage's.
+    func start(classifier: CoreMLClassifier, cascade: CoreMLCascade? = nil) {
         task?.cancel()
         let method = self.method
         let device = DeviceInfo.current()
         let run = UUID()
         currentRun = run
-        state = .running(BenchmarkProgress(completed: 0, total: method.totalInferences, phase: .warmup, round: 0))
+        let total = method.totalInferences * (cascade?.stages.count ?? 1)
+        state = .running(BenchmarkProgress(completed: 0, total: total, phase: .warmup, round: 0), stage: nil)
         // The task keeps the runner (a @StateObject, alive anyway) until the benchmark ends.
         task = Task.detached(priority: .userInitiated) { [self] in
             let outcome: State
             do {
-                let input = try classifier.syntheticInput()
-                let stats = try classifier.benchmark(
-                    input: input,
-                    method: method,
-                    isCancelled: { Task.isCancelled },
-                    progress: { progress in
-                        Task { @MainActor in
-                            if self.currentRun == run { self.state = .running(progress) }
-                        }
-                    })
-                let report = DeviceReport(manifest: classifier.manifest, device: device,
+                let report: DeviceReport
+                var cascadeBench: CascadeBenchmark?
+                if let cascade {
+                    let bench = try cascade.benchmark(
+                        method: method,
+                        isCancelled: { Task.isCancelled },
+                        progress: { stage, progress in
+                            let label = cascade.spec.stageDescription(stage)
+                            Task { @MainActor in
+                                if self.currentRun == run { self.state = .running(progress, stage: label) }
+                            }
+                        })
+                    report = DeviceReport(manifest: cascade.manifest, device: device,
+                                          computeUnits: cascade.computeUnits, cascade: bench)
+                    cascadeBench = bench
+                } else {
+                    let input = try classifier.syntheticInput()
+                    let stats = try classifier.benchmark(
+                        input: input,
+                        method: method,
+                        isCancelled: { Task.isCancelled },
+                        progress: { progress in
+                            Task { @MainActor in
+                                if self.currentRun == run { self.state = .running(progress, stage: nil) }
+                            }
+                        })
+                    report = DeviceReport(manifest: classifier.manifest, device: device,
                                           computeUnits: classifier.computeUnits, stats: stats)
+                }
                 let url = FileManager.default.temporaryDirectory.appendingPathComponent(report.suggestedFileName)
                 try report.encoded().write(to: url, options: .atomic)
-                outcome = .finished(report, url)
+                outcome = .finished(report, url, cascadeBench)
             } catch BenchmarkError.cancelled {
                 outcome = .idle
             } catch {

@@ -15,11 +15,16 @@ struct BenchmarkView: View {
                     Text("Apple ModelBench method: \(m.warmup) warm-up inferences, then \(m.rounds) rounds of \(m.inferencesPerRound); each round drops its \(m.trimLow) fastest and \(m.trimHigh) slowest inferences and averages the rest. Input: a fixed synthetic image of the model's size.")
                         .font(.callout)
                         .foregroundStyle(.secondary)
+                    if let cascade = store.cascade {
+                        Text("Cascade: each of the \(cascade.stages.count) stages is measured alone on a synthetic input of its size; the report's top level is the last stage's. Exit rates come from the manifest's threshold selection.")
+                            .font(.callout)
+                            .foregroundStyle(.secondary)
+                    }
                     if runner.isRunning {
                         Button("Cancel", role: .cancel) { runner.cancel() }
                     } else {
                         Button {
-                            if let classifier = store.classifier { runner.start(classifier: classifier) }
+                            if let classifier = store.classifier { runner.start(classifier: classifier, cascade: store.cascade) }
                         } label: {
                             Label("Run benchmark (\(store.computeUnits.displayName))", systemImage: "stopwatch")
                         }
@@ -31,16 +36,32 @@ struct BenchmarkView: View {
                 switch runner.state {
                 case .idle:
                     EmptyView()
-                case .running(let progress):
+                case .running(let progress, let stage):
                     Section {
                         ProgressView(value: progress.fraction) {
                             Text(progress.phase == .warmup ? "Warming up…" : "Round \(progress.round) of \(runner.method.rounds)")
                         }
+                        if let stage {
+                            Text("Measuring \(stage)").font(.footnote).foregroundStyle(.secondary)
+                        }
                     }
                 case .failed(let message):
                     Section { Text(message).foregroundStyle(.red) }
-                case .finished(let report, let url):
-                    Section("Result (ms, over \(report.roundsMs.count) round means)") {
+                case .finished(let report, let url, let cascade):
+                    if let cascade {
+                        Section("Cascade (threshold \(String(format: "%.3f", cascade.spec.threshold)))") {
+                            ForEach(cascade.spec.stages.indices, id: \.self) { i in
+                                LabeledContent(cascade.spec.stageDescription(i), value: cascade.stageSummary(i))
+                            }
+                            if let mean = cascade.expectedLatencyMs {
+                                row("Mean per image", mean)
+                            } else {
+                                Text("The manifest has no exit rates (threshold_selection), so no mean per image.")
+                                    .font(.footnote).foregroundStyle(.secondary)
+                            }
+                        }
+                    }
+                    Section(resultTitle(report, isCascade: cascade != nil)) {
                         row("Median", report.statsMs.median)
                         row("Mean", report.statsMs.mean)
                         row("p90", report.statsMs.p90)
@@ -65,6 +86,11 @@ struct BenchmarkView: View {
                 runner.cancel()
             }
         }
+    }
+
+    private func resultTitle(_ report: DeviceReport, isCascade: Bool) -> String {
+        let rounds = "ms, over \(report.roundsMs.count) round means"
+        return isCascade ? "Last stage alone (\(rounds))" : "Result (\(rounds))"
     }
 
     private func row(_ name: LocalizedStringKey, _ value: Double) -> some View {

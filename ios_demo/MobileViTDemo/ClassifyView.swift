@@ -9,6 +9,7 @@ struct ClassifyView: View {
     @State private var showCamera = false
     @State private var photo: UIImage?
     @State private var result: ClassificationResult?
+    @State private var cascadeResult: CascadeResult?
     @State private var resultUnits: ComputeUnits?
     @State private var error: String?
     @State private var isRunning = false
@@ -41,20 +42,24 @@ struct ClassifyView: View {
                 if let error {
                     Section { Text(error).foregroundStyle(.red) }
                 }
-                if let result {
-                    Section("Top \(result.predictions.count)") {
-                        ForEach(result.predictions) { p in
-                            VStack(alignment: .leading, spacing: 4) {
-                                HStack {
-                                    Text(p.label)
-                                    Spacer()
-                                    Text(p.probability, format: .percent.precision(.fractionLength(1)))
-                                        .monospacedDigit()
-                                }
-                                ProgressView(value: p.probability)
-                            }
+                if let cascadeResult {
+                    predictionsSection(cascadeResult.predictions)
+                    Section("Cascade") {
+                        LabeledContent("Answered by", value: cascadeResult.answerDescription)
+                        LabeledContent("Its latency", value: String(format: "%.2f ms", cascadeResult.answeringRun.inferenceMs))
+                        ForEach(cascadeResult.runs) { run in
+                            LabeledContent("Stage \(run.index + 1): \(run.name)",
+                                           value: String(format: "%.2f ms · max p %.2f", run.inferenceMs, run.maxProbability))
+                        }
+                        LabeledContent("Inference, all stages", value: String(format: "%.2f ms", cascadeResult.inferenceMs))
+                        LabeledContent("Preprocessing", value: String(format: "%.2f ms", cascadeResult.preprocessingMs))
+                        if let resultUnits {
+                            LabeledContent("Compute units", value: resultUnits.displayName)
                         }
                     }
+                }
+                if let result {
+                    predictionsSection(result.predictions)
                     Section("Latency") {
                         LabeledContent("Inference", value: String(format: "%.2f ms", result.inferenceMs))
                         LabeledContent("Preprocessing", value: String(format: "%.2f ms", result.preprocessingMs))
@@ -82,6 +87,22 @@ struct ClassifyView: View {
         }
     }
 
+    private func predictionsSection(_ predictions: [Prediction]) -> some View {
+        Section("Top \(predictions.count)") {
+            ForEach(predictions) { p in
+                VStack(alignment: .leading, spacing: 4) {
+                    HStack {
+                        Text(p.label)
+                        Spacer()
+                        Text(p.probability, format: .percent.precision(.fractionLength(1)))
+                            .monospacedDigit()
+                    }
+                    ProgressView(value: p.probability)
+                }
+            }
+        }
+    }
+
     @MainActor
     private func loadPickedPhoto() async {
         guard let item = pickerItem else { return }
@@ -100,6 +121,7 @@ struct ClassifyView: View {
     @MainActor
     private func classify() async {
         guard let photo, let classifier = store.classifier else { return }
+        let cascade = store.cascade
         guard let cgImage = photo.uprightCGImage() else {
             error = "Could not decode the photo."
             return
@@ -108,15 +130,20 @@ struct ClassifyView: View {
         error = nil
         let units = classifier.computeUnits
         let outcome = await Task.detached(priority: .userInitiated) {
-            Result { try classifier.classify(cgImage: cgImage, topK: 5) }
+            Result<(ClassificationResult?, CascadeResult?), Error> {
+                if let cascade { return (nil, try cascade.classify(cgImage: cgImage, topK: 5)) }
+                return (try classifier.classify(cgImage: cgImage, topK: 5), nil)
+            }
         }.value
         isRunning = false
         switch outcome {
-        case .success(let r):
-            result = r
+        case .success(let (single, cascaded)):
+            result = single
+            cascadeResult = cascaded
             resultUnits = units
         case .failure(let e):
             result = nil
+            cascadeResult = nil
             error = e.localizedDescription
         }
     }

@@ -45,6 +45,9 @@ struct ModelSection: View {
                     LabeledContent("Precision", value: m.reportPrecision)
                     LabeledContent("Input", value: "\(m.inputWidth) × \(m.inputHeight) \(m.input.colorLayout)")
                     LabeledContent("Classes", value: "\(m.labels.count)")
+                    if let cascade = m.cascade {
+                        Text("Cascade: \(cascade.summary)").font(.footnote).foregroundStyle(.secondary)
+                    }
                 }
                 if store.isLoading {
                     HStack {

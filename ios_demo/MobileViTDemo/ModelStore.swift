@@ -26,7 +26,10 @@ final class ModelStore: ObservableObject {
     @Published var computeUnits: ComputeUnits = .all {
         didSet { if oldValue != computeUnits { scheduleReload() } }
     }
+    /// The model at the manifest's input size (for a cascade: its last stage).
     @Published private(set) var classifier: CoreMLClassifier?
+    /// Set when the manifest has a `cascade` section: every stage of the multi-function model.
+    @Published private(set) var cascade: CoreMLCascade?
     @Published private(set) var isLoading = false
     @Published private(set) var loadError: String?
     @Published private(set) var loadMs: Double?
@@ -53,6 +56,7 @@ final class ModelStore: ObservableObject {
         let current = generation
         guard let model = selected else {
             classifier = nil
+            cascade = nil
             isLoading = false
             return
         }
@@ -61,13 +65,26 @@ final class ModelStore: ObservableObject {
         let start = Date()
         do {
             let url = try await compiledURL(for: model)
-            let loaded = try await CoreMLClassifier.load(modelURL: url, manifest: model.manifest, computeUnits: computeUnits)
-            guard current == generation else { return }
-            classifier = loaded
+            if model.manifest.cascade != nil {
+                // One function per stage in one multi-function model: MLModelConfiguration.functionName.
+                guard #available(iOS 18.0, *) else {
+                    throw CascadeError.unsupportedOS("This cascade model (a multi-function Core ML model) needs iOS 18 or newer.")
+                }
+                let loaded = try await CoreMLCascade.load(modelURL: url, manifest: model.manifest, computeUnits: computeUnits)
+                guard current == generation else { return }
+                cascade = loaded
+                classifier = loaded.stages.last
+            } else {
+                let loaded = try await CoreMLClassifier.load(modelURL: url, manifest: model.manifest, computeUnits: computeUnits)
+                guard current == generation else { return }
+                cascade = nil
+                classifier = loaded
+            }
             loadMs = Date().timeIntervalSince(start) * 1000
         } catch {
             guard current == generation else { return }
             classifier = nil
+            cascade = nil
             loadError = error.localizedDescription
         }
         isLoading = false

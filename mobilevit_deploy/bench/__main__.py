@@ -8,10 +8,9 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..cli import ArgumentParser, run_cli
-
 
 # Timing settings; with --baseline, any not given on the command line are taken from the baseline's
 # "settings", because ratios are only comparable when measured the same way.
@@ -31,8 +30,10 @@ def build_parser():
     p.add_argument("--size", type=int, default=None, help="input H = W (default: the model's DeployCfg size)")
     p.add_argument("--threads", type=int, default=None,
                    help=f"threads for every runtime (default: all cores, {os.cpu_count()})")
-    p.add_argument("--warmup", type=int, default=None, help=f"untimed inferences per runner first (default {DEFAULTS['warmup']})")
-    p.add_argument("--rounds", type=int, default=None, help=f"round-robin rounds per pass (default {DEFAULTS['rounds']})")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"untimed inferences per runner first (default {DEFAULTS['warmup']})")
+    p.add_argument("--rounds", type=int, default=None,
+                   help=f"round-robin rounds per pass (default {DEFAULTS['rounds']})")
     p.add_argument("--iters", type=int, default=None,
                    help=f"timed inferences per runner per round (default {DEFAULTS['iters']})")
     p.add_argument("--passes", type=int, default=1, help="timing passes; ratios are medians over passes (default 1)")
@@ -174,7 +175,8 @@ def _modelbench(session, doc, args):
         rep = build_device_report(
             device_name=f"Mac ({platform.machine()})", device_identifier=hw or platform.machine(),
             os_name=f"macOS {mac}" if mac else platform.platform(), compute_units=args.compute_units, model=model,
-            precision=quant if quant != "fp32" else (slot.runner.info.get("manifest") or {}).get("precision", "fp32"), input_size=doc["models"][model]["input_size"],
+            precision=quant if quant != "fp32" else (slot.runner.info.get("manifest") or {}).get("precision", "fp32"),
+            input_size=doc["models"][model]["input_size"],
             artifact_sha256=file_sha256(slot.runner.artifact), measurement=meas)
         path = write_device_report(out_dir / f"{model}_{quant}_device_report.json", rep)
         print(f"wrote {path} (median {rep['stats_ms']['median']:.2f} ms)")

@@ -93,7 +93,8 @@ def format_verdicts(verdicts: list[dict], tolerance: float) -> str:
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    head = f"{'model':<16} {'target':<11} {'quant':<5} {'before ms':>9} {'after ms':>9} {'before r':>8} {'after r':>8} {'change':>7}  verdict"
+    head = (f"{'model':<16} {'target':<11} {'quant':<5} {'before ms':>9} {'after ms':>9} {'before r':>8} "
+            f"{'after r':>8} {'change':>7}  verdict")
     lines = [f"regression check (tolerance {tolerance:.0%} on the in-run ratio)", head, "-" * len(head)]
     for v in verdicts:
         ch = "-" if v["change"] is None else f"{v['change']:.2f}x"

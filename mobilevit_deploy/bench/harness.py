@@ -23,14 +23,14 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 from ..errors import UserError, choices_error
 from . import stats
-from .runners import (QUANTS, TARGETS, Runner, SkipRow, artifact_runner, coreml_unavailable_reason, eager_runner,
-                      make_artifact)
+from .runners import QUANTS, TARGETS, SkipRow, artifact_runner, coreml_unavailable_reason, eager_runner, make_artifact
+from .timing import Timed, time_round_robin
 
 SCHEMA_VERSION = 1
 REF_N = 1024
@@ -79,39 +79,28 @@ class BenchConfig:
             raise choices_error("weights", self.weights, ("shipped", "random"))
 
 
-@dataclass
-class _Slot:
-    key: tuple  # (model, target, quant)
-    runner: Runner
-    samples: list = field(default_factory=list)  # all timed inferences, ms
-    round_medians: list = field(default_factory=list)
-
-
 def _build_model(name: str, cfg: BenchConfig):
-    from ..models import create_model
-    from ..pretrained import shipped_weights
-
+    """The benchmarked module, its DeployCfg at the row size, and what is known about its weights."""
     import torch
 
+    from ..pretrained import load_model
+
     torch.manual_seed(cfg.seed)  # random-init weights are the same in every run (and artifacts reusable)
-    sw = shipped_weights(name) if cfg.weights == "shipped" else None
-    if sw is not None:
-        model = create_model(name, checkpoint=str(sw.path), deploy_cfg=sw.deploy_cfg)
-    else:
-        model = create_model(name)
-    dcfg = model.deploy_cfg
+    loaded = load_model(name, pretrained=cfg.weights == "shipped")
+    model, dcfg = loaded.module, loaded.deploy_cfg
     size = cfg.size or get_default_size(name)
     if dcfg.image_size != (size, size):
         dcfg = replace(dcfg, input_size=(3, size, size))
-        model.deploy_cfg = dcfg
+    model.deploy_cfg = dcfg
     weights = {"kind": "random init", "accuracy": None}
-    if sw is not None:
-        trained = tuple(sw.deploy_cfg.image_size)
-        acc = sw.meta.get("val_top1")
-        weights = {"kind": "shipped", "file": sw.path.name, "sha256": sw.meta.get("sha256"),
+    if loaded.checkpoint.get("shipped"):
+        meta = loaded.meta
+        trained = tuple(loaded.deploy_cfg.image_size)
+        acc = meta.get("val_top1")
+        weights = {"kind": "shipped", "file": Path(loaded.checkpoint["path"]).name, "sha256": meta.get("sha256"),
                    "trained_size": list(trained),
                    # accuracy of these weights is known only at the size they were evaluated at
-                   "accuracy": ({"top1": acc, "data": sw.meta.get("data"), "split": "val"}
+                   "accuracy": ({"top1": acc, "data": meta.get("data"), "split": "val"}
                                 if acc is not None and trained == (size, size) else None)}
     return model, dcfg, weights
 
@@ -146,7 +135,8 @@ def _check(ref, out) -> dict:
         return {"error": f"output shape {tuple(out.shape)} vs eager {tuple(ref.shape)}"}
     noise = (ref - out).pow(2).mean().item()
     sig = ref.pow(2).mean().item()
-    sqnr = None if noise == 0 else 10 * torch.log10(torch.tensor(sig / noise)).item()  # None: identical (JSON has no inf)
+    # None: identical (JSON has no inf)
+    sqnr = None if noise == 0 else 10 * torch.log10(torch.tensor(sig / noise)).item()
     return {"max_abs_diff": (ref - out).abs().max().item(), "sqnr_db": sqnr, "identical": noise == 0,
             "top1_agree": bool((ref.argmax(-1) == out.argmax(-1)).all().item())}
 
@@ -186,39 +176,6 @@ def _skipped(key, dcfg, threads, reason, status="skipped") -> dict:
             "threads": threads, "status": status, "reason": reason}
 
 
-def time_round_robin(slots: Sequence, reference: Callable[[], object], *, warmup: int, rounds: int, iters: int,
-                     tick: Callable[[], None] = lambda: None) -> list[float]:
-    """Time every slot's runner and the reference round-robin; fills slot.samples / slot.round_medians.
-
-    Returns the reference's round medians (ms). Exposed for tests (any callables work as runners).
-    """
-    clock = time.perf_counter_ns
-    entries = [(s.runner, s) for s in slots] + [(reference, None)]
-    ref_samples: list[float] = []
-    ref_round_medians: list[float] = []
-    for fn, _ in entries:
-        for _ in range(warmup):
-            fn()
-        tick()
-    for r in range(rounds):
-        k = r % len(entries)
-        for fn, slot in entries[k:] + entries[:k]:
-            fn()  # untimed: the first call after another runtime ran finds cold caches
-            times = []
-            for _ in range(iters):
-                t0 = clock()
-                fn()
-                times.append((clock() - t0) / 1e6)
-            if slot is None:
-                ref_samples += times
-                ref_round_medians.append(stats.median(times))
-            else:
-                slot.samples += times
-                slot.round_medians.append(stats.median(times))
-            tick()
-    return ref_round_medians
-
-
 class BenchSession:
     """Runners built once (exports done), timed by one or more `measure()` passes.
 
@@ -233,7 +190,7 @@ class BenchSession:
         self.cfg, self.artifact_factory, self.progress, self.log = cfg, artifact_factory, progress, log
         self._tmp = None
         self.rows: list[dict] = []  # skipped/failed rows, and {"_slot": slot} placeholders in order
-        self.slots: list[_Slot] = []
+        self.slots: list[Timed] = []
         self.per_model: dict[str, dict] = {}
         self.passes: list[dict] = []  # per pass: {"ref_rounds": [...], "slot_rounds": {key: [...]}}
         self.peak: dict | None = None
@@ -250,7 +207,7 @@ class BenchSession:
             self._tmp.cleanup()
             self._tmp = None
 
-    def prepare(self) -> "BenchSession":
+    def prepare(self) -> BenchSession:
         import torch
 
         from .flops import count_flops, measure_peak
@@ -308,11 +265,11 @@ class BenchSession:
         runner.info["prepare_s"] = round(time.time() - t0, 2)
         runner.info["check"] = check
         runner.info["manifest"] = manifest
-        slot = _Slot(key, runner)
+        slot = Timed(key, runner.fn, runner)
         self.slots.append(slot)
         self.rows.append({"_slot": slot})
 
-    def measure(self) -> "BenchSession":
+    def measure(self) -> BenchSession:
         """One timing pass over every runner and the reference (round-robin)."""
         from .flops import make_matmul
 

@@ -97,7 +97,8 @@ def compare_device_report(report, path: str | os.PathLike | None = None) -> dict
     notes = []
     if not report.is_iphone12:
         return {"paper_ms": fig.ms, "ratio": None, "source": fig.source,
-                "note": f"paper figure is for {fig.device}; report is from {report.device_name} ({report.device_identifier})"}
+                "note": f"paper figure is for {fig.device}; report is from {report.device_name} "
+                        f"({report.device_identifier})"}
     if report.precision != fig.precision:
         notes.append(f"report precision {report.precision} vs paper {fig.precision}")
     if fig.input_size and tuple(report.input_size) != fig.input_size:

@@ -54,14 +54,16 @@ def format_table(doc: dict) -> str:
     for r in doc["rows"]:
         size = "x".join(str(s) for s in r.get("input_size", []))
         if r.get("status") != "ok":
-            lines.append(f"{r['model']:<14} {r['target']:<10} {r['quant']:<5} {size:>7}  {r['status'].upper()}: {r['reason']}")
+            lines.append(f"{r['model']:<14} {r['target']:<10} {r['quant']:<5} {size:>7}  "
+                         f"{r['status'].upper()}: {r['reason']}")
             continue
         c = r.get("check") or {}
         chk = (f"top1 {'ok' if c.get('top1_agree') else 'DIFF'}, "
                + ("identical" if c.get("identical") else f"sqnr {_f(c.get('sqnr_db'), '.0f')} dB")
                if "sqnr_db" in c else c.get("error", "-"))
         lines.append(
-            f"{r['model']:<14} {r['target']:<10} {r['quant']:<5} {size:>7} {_f(r['median_ms']):>8} {_f(r['p90_ms']):>8} "
+            f"{r['model']:<14} {r['target']:<10} {r['quant']:<5} {size:>7} {_f(r['median_ms']):>8} "
+            f"{_f(r['p90_ms']):>8} "
             f"{_f(r['min_ms']):>8} {_f(r['spread_pct'], '.0f') + '%':>7} {_f(_mb(r['artifact_bytes'])):>6} "
             f"{_f(r['gflops']):>6} {_f(r['gflops_per_s'], '.1f'):>7} {_f(100 * r['peak_share'], '.1f'):>6} "
             f"{_f(r['ratio'], '.3f'):>7} {_f(r.get('vs_onnx_fp32')):>7} {_f(r.get('vs_eager_fp32')):>8}  {chk}")
@@ -95,7 +97,8 @@ def device_rows(reports) -> list[dict]:
 def format_device_rows(drows: list[dict]) -> str:
     lines = ["device reports (ModelBench method) vs the MobileViT paper (iPhone 12, Core ML fp32):"]
     for d in drows:
-        lines.append(f"  {d['device']} ({d['identifier']}, {d['os']}, {d['compute_units']}) {d['model']} {d['precision']}: "
+        lines.append(f"  {d['device']} ({d['identifier']}, {d['os']}, {d['compute_units']}) {d['model']} "
+                     f"{d['precision']}: "
                      f"median {d['median_ms']:.2f} ms; paper {_f(d['paper_ms'])} ms; ratio {_f(d['ratio_to_paper'])}"
                      + (f" -- {d['note']}" if d["note"] else ""))
     return "\n".join(lines)
@@ -200,12 +203,14 @@ def markdown_devices(drows: list[dict]) -> list[str]:
     out = ["## Devices vs the MobileViT paper", "",
            "Device reports use the ModelBench method (warm-up, rounds of inferences, each round trimmed of its "
            "lowest and highest times); the paper's figures are iPhone 12, Core ML, fp32, mean of 100 runs.", "",
-           "| device | OS | compute units | model | precision | input | median ms | p90 ms | paper ms | measured / paper | source | note |",
+           "| device | OS | compute units | model | precision | input | median ms | p90 ms | paper ms "
+           "| measured / paper | source | note |",
            "|---|---|---|---|---|---|---:|---:|---:|---:|---|---|"]
     for d in drows:
         out.append(f"| {d['device']} ({d['identifier']}) | {d['os']} | {d['compute_units']} | {d['model']} | "
-                   f"{d['precision']} | {'x'.join(map(str, d['input_size']))} | {_f(d['median_ms'])} | {_f(d['p90_ms'])} | "
-                   f"{_f(d['paper_ms'])} | {_f(d['ratio_to_paper'])} | {d['paper_source'] or '-'} | {d['note'] or ''} |")
+                   f"{d['precision']} | {'x'.join(map(str, d['input_size']))} | {_f(d['median_ms'])} | "
+                   f"{_f(d['p90_ms'])} | {_f(d['paper_ms'])} | {_f(d['ratio_to_paper'])} | "
+                   f"{d['paper_source'] or '-'} | {d['note'] or ''} |")
     out.append("")
     return out
 
@@ -217,15 +222,17 @@ def markdown(doc: dict, plots: dict[str, str], drows: list[dict] | None = None, 
     if doc.get("command"):
         out += [f"Command: `{doc['command']}`", ""]
     out += [
-        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; load average at start {m.get('load_avg_1min_at_start')}",
-        f"- Tools: " + ", ".join(f"{k} {v}" for k, v in doc["tools"].items() if v),
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; load average at start "
+        f"{m.get('load_avg_1min_at_start')}",
+        "- Tools: " + ", ".join(f"{k} {v}" for k, v in doc["tools"].items() if v),
         f"- Threads: {s['threads']} for every runtime; warm-up {s['warmup']}; {s['passes']} pass(es) x {s['rounds']} "
         f"rounds x {s['iters']} timed inferences per row, runners interleaved round-robin",
         f"- fp32 matmul peak: **{peak['gflops_per_s']:.1f} GFLOP/s** ({peak['n']}x{peak['n']}, best of runs)",
         f"- Reference for ratios: {ref['what']}, median {ref['median_ms']:.2f} ms; "
         f"ratio = row median / reference median of the same round, median over rounds",
         "",
-        "| model | target | quant | input | median ms | p90 ms | min ms | spread | artifact MB | GFLOPs | GFLOP/s | % peak | ratio | vs ORT fp32 | vs eager fp32 | check |",
+        "| model | target | quant | input | median ms | p90 ms | min ms | spread | artifact MB | GFLOPs | GFLOP/s "
+        "| % peak | ratio | vs ORT fp32 | vs eager fp32 | check |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     skipped = []
@@ -238,8 +245,9 @@ def markdown(doc: dict, plots: dict[str, str], drows: list[dict] | None = None, 
         chk = (f"top-1 {'same' if c.get('top1_agree') else 'DIFFERS'}, "
                + ("identical" if c.get("identical") else f"{_f(c.get('sqnr_db'), '.0f')} dB")
                if "sqnr_db" in c else c.get("error", "-"))
-        out.append(f"| {r['model']} | {r['target']} | {r['quant']} | {size} | {_f(r['median_ms'])} | {_f(r['p90_ms'])} | "
-                   f"{_f(r['min_ms'])} | {_f(r['spread_pct'], '.0f')}% | {_f(_mb(r['artifact_bytes']))} | {_f(r['gflops'])} | "
+        out.append(f"| {r['model']} | {r['target']} | {r['quant']} | {size} | {_f(r['median_ms'])} | "
+                   f"{_f(r['p90_ms'])} | {_f(r['min_ms'])} | {_f(r['spread_pct'], '.0f')}% | "
+                   f"{_f(_mb(r['artifact_bytes']))} | {_f(r['gflops'])} | "
                    f"{_f(r['gflops_per_s'], '.1f')} | {_f(100 * r['peak_share'], '.1f')} | {_f(r['ratio'], '.3f')} | "
                    f"{_f(r.get('vs_onnx_fp32'))} | {_f(r.get('vs_eager_fp32'))} | {chk} |")
     out += ["", "spread = (p90 - p10) / median. GFLOPs = 2 x MACs counted with FlopCounterMode on the eager model "
@@ -248,10 +256,12 @@ def markdown(doc: dict, plots: dict[str, str], drows: list[dict] | None = None, 
         out += ["## Not measured", ""] + skipped + [""]
     ts = target_status(doc["rows"])
     if ts:
-        out += ["## Performance targets", "", "| model | .pte | vs ORT fp32 | target | status |", "|---|---|---:|---:|---|"]
+        out += ["## Performance targets", "", "| model | .pte | vs ORT fp32 | target | status |",
+                "|---|---|---:|---:|---|"]
         for t in ts:
             st = "n/a " + t["note"] if t["met"] is None else ("met" if t["met"] else "**not met**")
-            out.append(f"| {t['model']} | {t['quant']} | {_f(t['vs_onnx_fp32'], '.3f')}x | <= {t['limit']:.1f}x | {st} |")
+            out.append(f"| {t['model']} | {t['quant']} | {_f(t['vs_onnx_fp32'], '.3f')}x | <= {t['limit']:.1f}x "
+                       f"| {st} |")
         out.append("")
     if drows:
         out += markdown_devices(drows)

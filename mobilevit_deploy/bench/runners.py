@@ -1,14 +1,16 @@
 """Host runners: one inference on a fixed input, per target, with an explicit thread count.
 
-Every runner is built from an artifact path (or an `nn.Module` for eager) and binds its input once,
-so a timed call is the runtime's own inference call and nothing else (no tensor conversion):
+Every runner is built from an artifact path (or an `nn.Module` for eager) and binds its input once
+(`runtime.Runner.bind`), so a timed call is the runtime's own inference call and nothing else (no
+tensor conversion):
 - eager:      `model(x)` under `torch.inference_mode()`, `torch.set_num_threads(n)`;
 - executorch: `executorch.runtime` Method.execute([x]) (XNNPACK delegate), threadpool reset to n;
 - onnx:       ONNX Runtime `InferenceSession.run` on the CPU provider, intra-op threads n,
               inter-op 1, sequential execution, all graph optimisations (ORT's defaults otherwise);
 - coreml:     coremltools `MLModel.predict` (macOS only; skipped elsewhere with the reason).
-`runner.threads` records the thread count the runtime reports back where it can (ExecuTorch's
-threadpool, torch), or the count it was configured with (ONNX Runtime, Core ML).
+The artifacts are loaded by `mobilevit_deploy.runtime.load_artifact`. `BoundCall.threads` records the
+thread count the runtime reports back where it can (ExecuTorch's threadpool, torch), or the count it
+was configured with (ONNX Runtime, Core ML).
 
 `make_artifact` is the one place that produces artifacts: it calls
 `mobilevit_deploy.export.export_model`; a caller (tests) may pass another factory with its signature.
@@ -17,15 +19,19 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from ..checkpoint import artifact_size, state_dict_sha256
 from ..errors import UserError
 
 TARGETS = ("eager", "executorch", "onnx", "coreml")
 QUANTS = ("fp32", "int8")
 EXTENSIONS = {"executorch": ".pte", "onnx": ".onnx", "coreml": ".mlpackage"}
+# bench --compute-units names -> coremltools.ComputeUnit names
+COMPUTE_UNITS = {"all": "ALL", "cpuOnly": "CPU_ONLY", "cpuAndGPU": "CPU_AND_GPU", "cpuAndNeuralEngine": "CPU_AND_NE"}
 
 
 class SkipRow(Exception):
@@ -33,7 +39,9 @@ class SkipRow(Exception):
 
 
 @dataclass
-class Runner:
+class BoundCall:
+    """One row's inference bound to the bench input: `fn()` is timed, `output()` checked."""
+
     target: str
     quant: str
     fn: Callable[[], Any]  # one inference on the bound input
@@ -45,24 +53,6 @@ class Runner:
 
     def __call__(self):
         return self.fn()
-
-
-def artifact_size(path: str | os.PathLike) -> int:
-    p = Path(path)
-    if p.is_dir():  # .mlpackage
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return p.stat().st_size
-
-
-def state_dict_sha256(model) -> str:
-    """sha256 over the sorted state dict (the export manifest's checkpoint hash for an nn.Module)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def find_reusable(out_dir, model, deploy_cfg, quant: str, target: str) -> tuple[Path, dict] | None:
@@ -102,12 +92,13 @@ def make_artifact(model_name: str, target: str, quant: str, out_dir: str | os.Pa
         if found is not None:
             return found
     try:
-        from ..export import export_model
+        from ..export import ExportConfig, ModelSource, export_model
     except ImportError as e:
         raise SkipRow(f"export stage not available ({e})") from None
     try:
-        res = export_model(model_name, target, out_dir=str(out_dir), quant=None if quant == "fp32" else quant,
-                           model=model, deploy_cfg=deploy_cfg, verify=False,
+        config = ExportConfig.from_dict({"target": target, "quant": None if quant == "fp32" else quant,
+                                         "verify": False})
+        res = export_model(ModelSource(model_name, deploy_cfg=deploy_cfg, module=model), config, out_dir=str(out_dir),
                            log=lambda s: print(f"  export: {s}", file=sys.stderr))
     except (UserError, NotImplementedError) as e:
         raise SkipRow(f"export {target} {quant}: {e}") from None
@@ -121,7 +112,7 @@ def set_torch_threads(n: int) -> int:
     return torch.get_num_threads()
 
 
-def eager_runner(model, x, num_threads: int, quant: str = "fp32") -> Runner:
+def eager_runner(model, x, num_threads: int, quant: str = "fp32") -> BoundCall:
     import torch
 
     if quant != "fp32":
@@ -134,55 +125,15 @@ def eager_runner(model, x, num_threads: int, quant: str = "fp32") -> Runner:
         with torch.inference_mode():
             return model(x)
 
-    return Runner("eager", quant, fn, fn, threads, info={"runtime": f"torch {torch.__version__}"})
+    return BoundCall("eager", quant, fn, fn, threads, info={"runtime": f"torch {torch.__version__}"})
 
 
-def executorch_runner(path, x, num_threads: int, quant: str = "fp32") -> Runner:
-    try:
-        import executorch.extension.pybindings.portable_lib as et_lib
-        from executorch.runtime import Runtime
-    except ImportError as e:
-        raise SkipRow(f"executorch runtime not importable ({e})") from None
-    et_lib._unsafe_reset_threadpool(num_threads)
-    threads = int(et_lib._threadpool_get_thread_count())
-    method = Runtime.get().load_program(str(path)).load_method("forward")
-    args = [x.contiguous()]
-
-    def fn():
-        return method.execute(args)
-
-    def output():
-        return method.execute(args)[0].clone()
-
-    import importlib.metadata as md
-
-    return Runner("executorch", quant, fn, output, threads, Path(path), artifact_size(path),
-                  info={"runtime": f"executorch {md.version('executorch')} (xnnpack)"})
+def executorch_runner(path, x, num_threads: int, quant: str = "fp32") -> BoundCall:
+    return artifact_runner("executorch", path, x, num_threads, quant)
 
 
-def onnx_runner(path, x, num_threads: int, quant: str = "fp32") -> Runner:
-    import torch
-
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise SkipRow(f"onnxruntime not importable ({e})") from None
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = num_threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: x.contiguous().numpy()}
-
-    def fn():
-        return sess.run(None, feed)
-
-    def output():
-        return torch.from_numpy(sess.run(None, feed)[0].copy())
-
-    return Runner("onnx", quant, fn, output, num_threads, Path(path), artifact_size(path),
-                  info={"runtime": f"onnxruntime {ort.__version__} (CPUExecutionProvider)"})
+def onnx_runner(path, x, num_threads: int, quant: str = "fp32") -> BoundCall:
+    return artifact_runner("onnx", path, x, num_threads, quant)
 
 
 def coreml_unavailable_reason() -> str | None:
@@ -193,55 +144,31 @@ def coreml_unavailable_reason() -> str | None:
     return None
 
 
-def coreml_runner(path, x, num_threads: int, quant: str = "fp32", manifest: dict | None = None,
-                  compute_units: str = "cpuOnly") -> Runner:
-    """Core ML through coremltools' predict (macOS only). `x` is the normalised tensor; an image input
-    gets the same pixels back as a PIL image (the model's ImageType applies the normalisation)."""
-    reason = coreml_unavailable_reason()
-    if reason:
-        raise SkipRow(reason)
-    import numpy as np
-    import torch
-    import coremltools as ct
+def _runtime_info(target: str, compute_units: str) -> dict:
+    import importlib.metadata as md
 
-    units = {"all": ct.ComputeUnit.ALL, "cpuOnly": ct.ComputeUnit.CPU_ONLY, "cpuAndGPU": ct.ComputeUnit.CPU_AND_GPU,
-             "cpuAndNeuralEngine": ct.ComputeUnit.CPU_AND_NE}[compute_units]
-    mlmodel = ct.models.MLModel(str(path), compute_units=units)
-    spec_in = mlmodel.get_spec().description.input[0]
-    name = spec_in.name
-    inp = (manifest or {}).get("input", {})
-    if spec_in.type.WhichOneof("Type") == "imageType":
-        from PIL import Image
-
-        mean = torch.tensor(inp.get("mean", [0.0, 0.0, 0.0])).view(3, 1, 1)
-        std = torch.tensor(inp.get("std", [1.0, 1.0, 1.0])).view(3, 1, 1)
-        pixels = ((x[0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        feed = {name: Image.fromarray(pixels, "RGB")}
-    else:
-        feed = {name: x.numpy()}
-    out_name = (manifest or {}).get("output", {}).get("name")
-
-    def fn():
-        return mlmodel.predict(feed)
-
-    def output():
-        res = mlmodel.predict(feed)
-        v = res[out_name] if out_name in res else next(iter(res.values()))
-        if isinstance(v, dict):  # classifier probabilities {label: p}: in the manifest's label order
-            labels = (manifest or {}).get("labels") or list(v)
-            v = [v[k] for k in labels]
-        return torch.as_tensor(np.asarray(v, dtype=np.float32)).reshape(1, -1)
-
-    return Runner("coreml", quant, fn, output, num_threads, Path(path), artifact_size(path),
-                  info={"runtime": f"coremltools {ct.__version__} predict", "compute_units": compute_units})
+    if target == "executorch":
+        return {"runtime": f"executorch {md.version('executorch')} (xnnpack)"}
+    if target == "onnx":
+        return {"runtime": f"onnxruntime {md.version('onnxruntime')} (CPUExecutionProvider)"}
+    return {"runtime": f"coremltools {md.version('coremltools')} predict", "compute_units": compute_units}
 
 
 def artifact_runner(target: str, path, x, num_threads: int, quant: str, manifest: dict | None = None,
-                    compute_units: str = "cpuOnly") -> Runner:
-    if target == "executorch":
-        return executorch_runner(path, x, num_threads, quant)
-    if target == "onnx":
-        return onnx_runner(path, x, num_threads, quant)
-    if target == "coreml":
-        return coreml_runner(path, x, num_threads, quant, manifest, compute_units)
-    raise UserError(f"unknown target {target!r} (choose from: {', '.join(TARGETS)})")
+                    compute_units: str = "cpuOnly") -> BoundCall:
+    """The artifact at `path` loaded by `runtime.load_artifact` with `num_threads`, bound to `x`.
+    (`manifest`: unused, the runtime reads the one beside the artifact.)"""
+    if target not in EXTENSIONS:
+        raise UserError(f"unknown target {target!r} (choose from: {', '.join(TARGETS)})")
+    if target == "coreml" and coreml_unavailable_reason():
+        raise SkipRow(coreml_unavailable_reason())
+    from ..runtime import load_artifact
+
+    try:
+        runner = load_artifact(path, num_threads, compute_units=COMPUTE_UNITS[compute_units])
+    except ImportError as e:
+        raise SkipRow(f"{target} runtime not importable ({e})") from None
+    bound = runner.bind(x)
+    threads = runner.num_threads if runner.num_threads is not None else num_threads
+    return BoundCall(target, quant, bound.call, bound.output, threads, Path(path), artifact_size(path),
+                     info=_runtime_info(target, compute_units))

@@ -11,7 +11,7 @@ Conventions used everywhere in the benchmark:
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def _sorted_finite(xs: Iterable[float]) -> list[float]:

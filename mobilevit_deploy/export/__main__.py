@@ -3,32 +3,17 @@
 [--quant SCHEME [--calib-data DIR] [--calib-size N] [--keep-float LAYER,...|auto:N|none]
 [--calibration minmax|vit] [--weight-bits-budget B]]`
 
-Thin: parse, call `export_model`, print one line per stage. Exit 0 on success, 2 on bad input
-(one `error:` line, nothing written), 1 when the artifact was written but failed verification.
+Thin: parse, build the ExportConfig once (`config_from_args`), call `export_model`, print one line
+per stage. Exit 0 on success, 2 on bad input (one `error:` line, nothing written), 1 when the
+artifact was written but failed verification.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-from ..cli import ArgumentParser, run_cli
-
-TARGETS = ("coreml", "executorch", "onnx")
-
-
-def _quiet():
-    """Silence the toolchain's import-time chatter (progress bars, 'untested version' warnings)."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' MIL pass progress bars
-    os.environ.setdefault("ET_COREML_LOG_LEVEL", "ERROR")  # "exported with CoreML specification version 7" notice
-    import logging
-    import warnings
-
-    for name in ("coremltools", "torchao", "executorch", "onnxscript", "torch.onnx", "torch._export", "torch.export",
-                 "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger().setLevel(logging.ERROR)
-    for cat in (FutureWarning, DeprecationWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=cat)
+from ..cli import ArgumentParser, quiet_toolchain, run_cli
+from .config import TARGETS, ExportConfig
 
 
 def build_parser():
@@ -68,21 +53,37 @@ def build_parser():
     return p
 
 
+def config_from_args(args, log=print) -> ExportConfig:
+    """The ExportConfig of parsed arguments (UserError for bad ones), with a note for flags a scheme
+    does not use and for defaults that matter."""
+    config = ExportConfig.from_dict({
+        "target": args.target, "backend": args.backend, "precision": args.precision, "verify": not args.no_verify,
+        "quant": args.quant, "calib_data": args.calib_data, "calib_size": args.calib_size,
+        "keep_float": args.keep_float, "calibration": args.calibration, "weight_bits_budget": args.weight_bits_budget,
+    })
+    q = config.quant
+    if q is None:
+        return config
+    if "budget_avg_bits" in q.field_names() and args.weight_bits_budget is None:
+        log(f"quantize: {config.target} {q.scheme}: no --weight-bits-budget given; using the default "
+            f"{q.budget_avg_bits:.1f} average weight bits")
+    if not q.calibrated and (args.calib_data is not None or args.calib_size is not None):
+        log(f"quantize: {config.target} {q.scheme} needs no calibration; --calib-data/--calib-size are ignored")
+    return config
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # Before torch starts OpenMP: spinning worker threads make the many small ops of calibration and
     # the ViT-PTQ search several times slower whenever the 2 cores are shared (measured, docs/training.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not args.verbose:
-        _quiet()
+        quiet_toolchain()
+    from ..pretrained import ModelSource
     from . import export_model
 
-    res = export_model(
-        args.model, args.target, out_dir=args.out, checkpoint=args.checkpoint, num_classes=args.num_classes,
-        backend=args.backend, precision=args.precision, verify=not args.no_verify,
-        quant=args.quant, calib_data=args.calib_data, calib_size=args.calib_size, keep_float=args.keep_float,
-        calibration=args.calibration, weight_bits_budget=args.weight_bits_budget,
-    )
+    config = config_from_args(args)
+    res = export_model(ModelSource(args.model, args.checkpoint, args.num_classes), config, out_dir=args.out)
     v = res.manifest.get("verification")
     if v is not None and not v.get("passed", True):
         print(f"error: {res.artifact.name} failed verification (kept for inspection; see {res.manifest_path})",

@@ -12,24 +12,9 @@ import torch
 from torch import nn
 
 
-def example_input(deploy_cfg, batch: int = 1) -> torch.Tensor:
-    """A deterministic normalised-looking input of the DeployCfg's shape (values only steer tracing)."""
-    g = torch.Generator().manual_seed(0)
-    return torch.randn((batch, *deploy_cfg.input_size), generator=g)
-
-
 def channel_scale(deploy_cfg) -> list[float] | None:
-    """Per-channel factors that turn the ImageType's scalar normalisation into the exact one.
-
-    The ImageType computes y = (pixel / 255 - mean) / mean(std) (`DeployCfg.scale_bias`); the model
-    needs (pixel / 255 - mean) / std_c = y * mean(std) / std_c. None when the std is uniform (exact
-    already, as for MobileViT).
-    """
-    std = [float(s) for s in deploy_cfg.std]
-    if max(std) - min(std) <= 1e-12 * max(abs(s) for s in std):
-        return None
-    s_mean = sum(std) / 3.0
-    return [s_mean / s for s in std]
+    """`DeployCfg.channel_scale`: the per-channel part of the normalisation the Core ML graph applies."""
+    return deploy_cfg.channel_scale
 
 
 class CoreMLClassifier(nn.Module):
@@ -55,8 +40,14 @@ def module_for_target(model: nn.Module, deploy_cfg, target: str) -> nn.Module:
     return model
 
 
-def capture(module: nn.Module, deploy_cfg, *, batch: int = 1) -> "torch.export.ExportedProgram":
-    """`torch.export.export(module.eval(), (example_input,))` with the DeployCfg's static shape."""
+def capture(module: nn.Module, deploy_cfg, *, batch: int = 1) -> torch.export.ExportedProgram:
+    """`torch.export.export(module.eval(), (deploy_cfg.example_input(),))`: the DeployCfg's static shape."""
     module = module.eval()
-    x = example_input(deploy_cfg, batch)
-    return torch.export.export(module, (x,))
+    return torch.export.export(module, (deploy_cfg.example_input(batch),))
+
+
+def describe_wrapper(deploy_cfg, target: str) -> str:
+    """What `module_for_target` adds around the model, for the capture line of the export."""
+    if target != "coreml":
+        return ""
+    return " (+ softmax" + (", per-channel std" if channel_scale(deploy_cfg) else "") + " for the Core ML classifier)"

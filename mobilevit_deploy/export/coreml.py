@@ -43,7 +43,8 @@ def deployment_target(name: str):
     try:
         return getattr(ct.target, name)
     except AttributeError:
-        raise UserError(f"unknown Core ML deployment target {name!r} (choose from: {', '.join(t.name for t in ct.target)})") from None
+        raise UserError(f"unknown Core ML deployment target {name!r} "
+                        f"(choose from: {', '.join(t.name for t in ct.target)})") from None
 
 
 def convert(
@@ -67,7 +68,8 @@ def convert(
     mlmodel = ct.convert(
         ep.run_decompositions({}),
         convert_to="mlprogram",
-        inputs=[ct.ImageType(name="image", shape=(1, 3, h, w), scale=scale, bias=list(bias), color_layout=ct.colorlayout.RGB)],
+        inputs=[ct.ImageType(name="image", shape=(1, 3, h, w), scale=scale, bias=list(bias),
+                             color_layout=ct.colorlayout.RGB)],
         classifier_config=ct.ClassifierConfig(list(deploy_cfg.class_labels)),
         compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
         minimum_deployment_target=deployment_target(minimum_deployment_target),
@@ -250,5 +252,5 @@ def predict_probs(mlmodel, x, deploy_cfg):
     for i in range(x.shape[0]):
         out = mlmodel.predict({"image": tensor_to_pil(x[i], deploy_cfg)})
         probs = out[OUTPUT_PROBS]
-        rows.append([float(probs[l]) for l in labels])
+        rows.append([float(probs[k]) for k in labels])
     return torch.tensor(rows, dtype=torch.float32)

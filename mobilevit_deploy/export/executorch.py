@@ -68,7 +68,7 @@ def ops_outside_delegate(edge_program) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _layer_norm_for_xnnpack(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+def layer_norm_for_xnnpack(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
     """aten.layer_norm over the last dim, written with ops the XNNPACK partitioner delegates.
 
     XNNPACK has no LayerNorm: left as `native_layer_norm` it runs in the portable kernels and cuts
@@ -92,11 +92,12 @@ def _layer_norm_for_xnnpack(x, normalized_shape, weight=None, bias=None, eps=1e-
     return y
 
 
-def decompose_for_xnnpack(ep):
+def decompose_for_xnnpack(ep, *, quantized_too: bool = False):
     """Rewrite last-dim LayerNorms of a float program so XNNPACK takes the whole graph.
 
-    Programs with quantize/dequantize ops (pt2e, torchao) or LayerNorms over several dims are
-    returned unchanged.
+    Programs with LayerNorms over several dims are returned unchanged, and so are programs with
+    quantize/dequantize ops (pt2e, torchao) unless `quantized_too` (a study of that choice:
+    benchmarks/profile_pte.py --ln-decomp).
     """
     import torch
 
@@ -104,9 +105,9 @@ def decompose_for_xnnpack(ep):
     nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
     lns = [n for n in nodes if n.target is ln]
     quantized = any(getattr(n.target, "namespace", "") in ("quantized_decomposed", "torchao") for n in nodes)
-    if not lns or quantized or any(len(n.args[1]) != 1 for n in lns):
+    if not lns or (quantized and not quantized_too) or any(len(n.args[1]) != 1 for n in lns):
         return ep
-    return ep.run_decompositions({ln: _layer_norm_for_xnnpack})
+    return ep.run_decompositions({ln: layer_norm_for_xnnpack})
 
 
 def lower(ep, *, backend: str = "xnnpack", precision: str | None = None, minimum_deployment_target: str = "iOS16"):

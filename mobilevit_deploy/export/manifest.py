@@ -1,7 +1,8 @@
 """The manifest: `<artifact>.json` beside every artifact (schema: docs/contracts.md section 1).
 
 It is the contract between Python, the benchmark and the iOS app, so it is built in one place
-(`build_manifest`) and written atomically (`write_manifest`). Readers must ignore unknown keys.
+(`build_manifest`, from the ExportConfig and the loaded model) and written atomically
+(`write_manifest`). Readers must ignore unknown keys.
 """
 from __future__ import annotations
 
@@ -74,43 +75,43 @@ def input_spec(deploy_cfg, *, kind: str, name: str = "image", batch: int = 1, ch
     return spec
 
 
-def build_manifest(
-    *,
-    model: str,
-    target: str,
-    backend: str,
-    precision: str,
-    deploy_cfg,
-    input: dict,
-    output: dict,
-    checkpoint: dict,
-    artifact_file: str,
-    artifact_sha256: str,
-    artifact_size: int,
-    verification: dict | None,
-    ops_not_delegated: list | None = None,
-    quantization: dict | None = None,
-    timings_s: dict | None = None,
-    extra: dict | None = None,
-) -> dict:
-    """Assemble the manifest dict in the order of docs/contracts.md (extra keys go after)."""
+def output_spec(target: str, num_classes: int) -> dict:
+    """The manifest `output` block: Core ML classifier probabilities, or logits."""
+    if target == "coreml":
+        return {"name": "classLabel_probs", "shape": [1, num_classes], "kind": "probabilities",
+                "label_output": "classLabel"}
+    return {"name": "logits", "shape": [1, num_classes], "kind": "logits"}
+
+
+def build_manifest(config, source, artifact: dict, *, verification: dict | None = None,
+                   quantization: dict | None = None, ops_not_delegated=(), timings_s: dict | None = None,
+                   extra: dict | None = None) -> dict:
+    """Assemble the manifest dict in the order of docs/contracts.md (extra keys go after).
+
+    `config`: the ExportConfig (target, backend, precision); `source`: the model (`pretrained.
+    LoadedModel`: name, deploy_cfg, checkpoint block); `artifact`: {"file", "sha256", "size_bytes"}.
+    The input and output blocks follow from the target and the DeployCfg.
+    """
+    cfg = source.deploy_cfg
+    coreml = config.target == "coreml"
     m = {
         "schema_version": SCHEMA_VERSION,
-        "model": model,
-        "target": target,
-        "backend": backend,
-        "precision": precision,
+        "model": source.name,
+        "target": config.target,
+        "backend": config.backend,
+        "precision": config.precision,
         "quantization": quantization,
-        "input": input,
-        "output": output,
-        "labels": list(deploy_cfg.class_labels),
-        "checkpoint": checkpoint,
-        "artifact": {"file": artifact_file, "sha256": artifact_sha256, "size_bytes": int(artifact_size)},
+        "input": input_spec(cfg, kind="image" if coreml else "tensor",
+                            channel_scale=cfg.channel_scale if coreml else None),
+        "output": output_spec(config.target, cfg.num_classes),
+        "labels": list(cfg.class_labels),
+        "checkpoint": source.checkpoint,
+        "artifact": {"file": artifact["file"], "sha256": artifact["sha256"], "size_bytes": int(artifact["size_bytes"])},
         "verification": verification,
         "ops_not_delegated": list(ops_not_delegated or []),
         "tools": tool_versions(),
         "created": utc_now(),
-        "deploy_cfg": deploy_cfg.to_dict(),
+        "deploy_cfg": cfg.to_dict(),
         "timings_s": dict(timings_s or {}),
     }
     if extra:
@@ -118,18 +119,18 @@ def build_manifest(
     return m
 
 
-def _jsonable(x):
+def jsonable(x):
     """Plain JSON: non-finite floats become null (JSON has no Infinity; Swift's decoder rejects it)."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, Path):
         return str(x)
     if hasattr(x, "item") and callable(x.item):  # numpy / torch scalars
-        return _jsonable(x.item())
+        return jsonable(x.item())
     return x
 
 
@@ -137,7 +138,7 @@ def write_manifest(path: str | os.PathLike, manifest: dict) -> Path:
     """Write `manifest` as indented JSON to `path` atomically (temporary file + rename)."""
     from ..checkpoint import atomic_write
 
-    text = json.dumps(_jsonable(manifest), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(jsonable(manifest), indent=2, allow_nan=False) + "\n"
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:

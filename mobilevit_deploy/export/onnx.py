@@ -20,12 +20,10 @@ def convert(ep, deploy_cfg, *, opset: int = DEFAULT_OPSET, simplify: bool = True
     import onnx
     import torch
 
-    from .capture import example_input
-
     if opset < 17:
         raise UserError(f"ONNX opset {opset} is too old (17 or newer: LayerNormalization)")
     onnx_program = torch.onnx.export(
-        ep, (example_input(deploy_cfg),), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        ep, (deploy_cfg.example_input(),), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
         dynamo=True, opset_version=opset, verbose=False,
     )
     model = onnx_program.model_proto
@@ -46,7 +44,8 @@ def convert(ep, deploy_cfg, *, opset: int = DEFAULT_OPSET, simplify: bool = True
     info["op_types"] = dict(sorted(ops.items()))
     names = ([i.name for i in model.graph.input], [o.name for o in model.graph.output])
     if names != ([INPUT_NAME], [OUTPUT_NAME]):
-        raise RuntimeError(f"exported ONNX graph has inputs/outputs {names}, expected ([{INPUT_NAME!r}], [{OUTPUT_NAME!r}])")
+        raise RuntimeError(f"exported ONNX graph has inputs/outputs {names}, "
+                           f"expected ([{INPUT_NAME!r}], [{OUTPUT_NAME!r}])")
     return model, info
 
 

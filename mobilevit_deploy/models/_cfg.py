@@ -6,8 +6,8 @@ from the manifest, which is written from it). Shipped/trained checkpoints may ca
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Sequence
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,7 +57,29 @@ class DeployCfg:
         bias = [-m / s for m in self.mean]
         return scale, bias
 
-    def with_classes(self, num_classes: int, labels: Sequence[str] | None = None) -> "DeployCfg":
+    @property
+    def channel_scale(self) -> list[float] | None:
+        """Per-channel factors that turn the ImageType's scalar normalisation into the exact one.
+
+        The ImageType computes y = (pixel / 255 - mean) / mean(std) (`scale_bias`); the model needs
+        (pixel / 255 - mean) / std_c = y * mean(std) / std_c. None when the std is uniform (exact
+        already, as for MobileViT); the Core ML export applies it inside the graph otherwise.
+        """
+        std = [float(s) for s in self.std]
+        if max(std) - min(std) <= 1e-12 * max(abs(s) for s in std):
+            return None
+        s_mean = sum(std) / 3.0
+        return [s_mean / s for s in std]
+
+    def example_input(self, batch: int = 1):
+        """A deterministic normalised-looking input [batch, 3, H, W] (seeded randn; values only steer
+        tracing): what every `torch.export` capture of the pipeline is traced with."""
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        return torch.randn((batch, *self.input_size), generator=g)
+
+    def with_classes(self, num_classes: int, labels: Sequence[str] | None = None) -> DeployCfg:
         labels = tuple(labels) if labels else (self.labels if num_classes == self.num_classes else ())
         return replace(self, num_classes=num_classes, labels=labels)
 
@@ -68,7 +90,7 @@ class DeployCfg:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DeployCfg":
+    def from_dict(cls, d: dict) -> DeployCfg:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:

@@ -5,7 +5,7 @@ A constructor takes `num_classes` (and architecture kwargs) and returns an `nn.M
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import choices_error
 from ._cfg import DeployCfg
@@ -27,7 +27,7 @@ def register_model(fn: Callable = None, *, cfg: DeployCfg | None = None):
 
 def _ensure_loaded():
     # Importing the architecture files runs their @register_model decorators.
-    from . import cmt, mobilevit  # noqa: F401
+    from . import augvit, cmt, deit, mobilevit, tnt  # noqa: F401
 
 
 def list_models() -> list[str]:
@@ -71,6 +71,11 @@ def create_model(
     model.deploy_cfg = cfg
     if checkpoint is not None:
         from ..checkpoint import load_checkpoint
+        from ..prune.record import apply_recorded_architecture
 
+        # Pruned checkpoints (python -m mobilevit_deploy.prune): when the checkpoint's sibling JSON
+        # (model.safetensors -> model.json) holds an `architecture` record, shrink the standard model
+        # to it first, so the smaller weights load. A no-op for every other checkpoint.
+        apply_recorded_architecture(model, checkpoint, name)
         load_checkpoint(model, checkpoint)
     return model.eval()

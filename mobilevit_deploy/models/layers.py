@@ -12,7 +12,7 @@ Export notes (ExecuTorch XNNPACK, Core ML, ONNX):
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ def get_padding(kernel_size: int, stride: int = 1, dilation: int = 1) -> int:
     return ((stride - 1) + dilation * (kernel_size - 1)) // 2
 
 
-def make_divisible(v: float, divisor: int = 8, min_value: Optional[int] = None, round_limit: float = 0.9) -> int:
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
     """Round channels to a multiple of `divisor` (timm / MobileNet rule, never more than 10 % down)."""
     min_value = min_value or divisor
     new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
@@ -98,9 +98,9 @@ def attention(
         k: torch.Tensor,
         v: torch.Tensor,
         scale: float,
-        attn_bias: Optional[torch.Tensor] = None,
+        attn_bias: torch.Tensor | None = None,
         num_heads: int = 1,
-        attn_drop: Optional[nn.Module] = None,
+        attn_drop: nn.Module | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v with plain `bmm` (no fused SDPA, see module docstring).
 
@@ -141,7 +141,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
         h = self.num_heads
         qkv = split_heads(self.qkv(x), 3 * h)  # [3 * heads * B, N, d], order (q heads, k heads, v heads)
@@ -157,8 +157,8 @@ class Mlp(nn.Module):
     def __init__(
             self,
             in_features: int,
-            hidden_features: Optional[int] = None,
-            out_features: Optional[int] = None,
+            hidden_features: int | None = None,
+            out_features: int | None = None,
             act_layer: Callable[..., nn.Module] = nn.GELU,
             drop: float = 0.0,
             bias: bool = True,
@@ -192,13 +192,14 @@ class TransformerBlock(nn.Module):
             drop_path: float = 0.0,
             act_layer: Callable[..., nn.Module] = nn.GELU,
             norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+            mlp_hidden: int | None = None,  # MLP hidden width; None: int(dim * mlp_ratio)
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.mlp = Mlp(dim, mlp_hidden or int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

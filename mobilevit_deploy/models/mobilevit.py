@@ -16,7 +16,8 @@ timm and ml-cvnets do.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,8 @@ from ._cfg import DeployCfg
 from ._registry import register_model
 from .layers import ConvNormAct, DropPath, TransformerBlock, make_divisible
 
-__all__ = ["MobileViT", "MobileVitBlock", "InvertedResidual", "model_cfgs"]
+__all__ = ["MobileViT", "MobileVitBlock", "InvertedResidual", "model_cfgs", "MobileViTCfg", "StageCfg",
+           "InvertedResidualCfg", "MobileVitBlockCfg"]
 
 
 def _deploy_cfg(**kwargs) -> DeployCfg:
@@ -36,49 +38,105 @@ def _deploy_cfg(**kwargs) -> DeployCfg:
         "crop_pct": 0.9, "interpolation": "bicubic", **kwargs})
 
 
-# One dict per variant (paper Table 4 / timm `model_cfgs`). Five stages of strides 1, 2, 2, 2, 2 after
-# a stride-2 stem; stages 3-5 end with a MobileViT block. Per stage: `chs` output channels,
-# `depths` inverted residual blocks, `transformer_dims` / `transformer_depths` of the MobileViT block
-# (0 = none). `expansion` is the inverted residual expansion ratio.
-model_cfgs = dict(
-    mobilevit_xxs=dict(
-        stem_chs=16,
-        chs=(16, 24, 48, 64, 80),
-        depths=(1, 3, 1, 1, 1),
-        expansion=2.0,
-        transformer_dims=(0, 0, 64, 80, 96),
-        transformer_depths=(0, 0, 2, 4, 3),
-        num_heads=4,
-        patch_size=2,
-        mlp_ratio=2.0,
-        num_features=320,
-    ),
-    mobilevit_xs=dict(
-        stem_chs=16,
-        chs=(32, 48, 64, 80, 96),
-        depths=(1, 3, 1, 1, 1),
-        expansion=4.0,
-        transformer_dims=(0, 0, 96, 120, 144),
-        transformer_depths=(0, 0, 2, 4, 3),
-        num_heads=4,
-        patch_size=2,
-        mlp_ratio=2.0,
-        num_features=384,
-    ),
-    mobilevit_s=dict(
-        stem_chs=16,
-        chs=(32, 64, 96, 128, 160),
-        depths=(1, 3, 1, 1, 1),
-        expansion=4.0,
-        transformer_dims=(0, 0, 144, 192, 240),
-        transformer_depths=(0, 0, 2, 4, 3),
-        num_heads=4,
-        patch_size=2,
-        mlp_ratio=2.0,
-        num_features=640,
-    ),
+# ----------------------------------------------------------------------------------------- typed configs
+# Every width of the network is a field (as timm's ByoBlockCfg / ByoModelCfg, but resolved to numbers),
+# so a variant with other widths -- e.g. a structurally pruned one -- is a config, built by
+# `create_model(name, stages=..., num_features=...)` or `create_model(name, cfg=MobileViTCfg.from_dict(d))`.
+
+
+@dataclass(frozen=True)
+class InvertedResidualCfg:
+    """MobileNetV2 block: 1x1 expand to `mid_chs` -> 3x3 depthwise (`stride`) -> 1x1 project to `out_chs`."""
+
+    out_chs: int
+    mid_chs: int  # expansion channels
+    stride: int = 1
+
+
+@dataclass(frozen=True)
+class MobileVitBlockCfg:
+    """MobileViT block on a stage's channels C: kxk conv (C) -> 1x1 to `dim` -> one transformer layer per
+    entry of `mlp_hidden` (its MLP width) -> 1x1 back to C -> kxk fusion of [input, that] to `out_chs`."""
+
+    dim: int  # transformer width
+    mlp_hidden: tuple[int, ...]  # MLP hidden width of each transformer layer; len = number of layers
+    num_heads: int = 4
+    patch_size: int = 2
+    out_chs: int | None = None  # fusion output; None: the block's input channels C
+
+    @property
+    def depth(self) -> int:
+        return len(self.mlp_hidden)
+
+
+@dataclass(frozen=True)
+class StageCfg:
+    """One stage: its inverted residual blocks (the first may stride), then optionally a MobileViT block."""
+
+    blocks: tuple[InvertedResidualCfg, ...]
+    vit: MobileVitBlockCfg | None = None
+
+
+@dataclass(frozen=True)
+class MobileViTCfg:
+    """The whole architecture: stride-2 3x3 stem to `stem_chs`, the stages, 1x1 to `num_features`, head."""
+
+    stem_chs: int
+    stages: tuple[StageCfg, ...]
+    num_features: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MobileViTCfg:
+        def stage(s: dict) -> StageCfg:
+            vit = s.get("vit")
+            if vit is not None:
+                vit = MobileVitBlockCfg(**{**vit, "mlp_hidden": tuple(vit["mlp_hidden"])})
+            return StageCfg(tuple(InvertedResidualCfg(**b) for b in s["blocks"]), vit)
+
+        return cls(int(d["stem_chs"]), tuple(stage(s) for s in d["stages"]), int(d["num_features"]))
+
+
+def _ir_stage(in_chs: int, out_chs: int, *, d: int, s: int, br: float, vit: MobileVitBlockCfg | None = None):
+    """`d` inverted residual blocks in_chs -> out_chs (the first with stride `s`), expansion `br` x the
+    block's input channels (timm's `make_divisible` rounding), then `vit`."""
+    ins = (in_chs,) + (out_chs,) * (d - 1)
+    blocks = tuple(InvertedResidualCfg(out_chs, mid_chs=make_divisible(c * br), stride=s if j == 0 else 1)
+                   for j, c in enumerate(ins))
+    return StageCfg(blocks, vit)
+
+
+def _vit(dim: int, depth: int, mlp_ratio: float = 2.0, num_heads: int = 4, patch_size: int = 2) -> MobileVitBlockCfg:
+    return MobileVitBlockCfg(dim, (int(dim * mlp_ratio),) * depth, num_heads, patch_size)
+
+
+# Paper Table 4 / timm `model_cfgs`: strides 1, 2, 2, 2, 2 after a stride-2 stem; stages 3-5 end
+# with a MobileViT block.
+model_cfgs: dict[str, MobileViTCfg] = dict(
+    mobilevit_xxs=MobileViTCfg(16, (
+        _ir_stage(16, 16, d=1, s=1, br=2.0),
+        _ir_stage(16, 24, d=3, s=2, br=2.0),
+        _ir_stage(24, 48, d=1, s=2, br=2.0, vit=_vit(64, depth=2)),
+        _ir_stage(48, 64, d=1, s=2, br=2.0, vit=_vit(80, depth=4)),
+        _ir_stage(64, 80, d=1, s=2, br=2.0, vit=_vit(96, depth=3)),
+    ), num_features=320),
+    mobilevit_xs=MobileViTCfg(16, (
+        _ir_stage(16, 32, d=1, s=1, br=4.0),
+        _ir_stage(32, 48, d=3, s=2, br=4.0),
+        _ir_stage(48, 64, d=1, s=2, br=4.0, vit=_vit(96, depth=2)),
+        _ir_stage(64, 80, d=1, s=2, br=4.0, vit=_vit(120, depth=4)),
+        _ir_stage(80, 96, d=1, s=2, br=4.0, vit=_vit(144, depth=3)),
+    ), num_features=384),
+    mobilevit_s=MobileViTCfg(16, (
+        _ir_stage(16, 32, d=1, s=1, br=4.0),
+        _ir_stage(32, 64, d=3, s=2, br=4.0),
+        _ir_stage(64, 96, d=1, s=2, br=4.0, vit=_vit(144, depth=2)),
+        _ir_stage(96, 128, d=1, s=2, br=4.0, vit=_vit(192, depth=4)),
+        _ir_stage(128, 160, d=1, s=2, br=4.0, vit=_vit(240, depth=3)),
+    ), num_features=640),
 )
-_STAGE_STRIDES = (1, 2, 2, 2, 2)
 
 
 class InvertedResidual(nn.Module):
@@ -97,9 +155,10 @@ class InvertedResidual(nn.Module):
             kernel_size: int = 3,
             act_layer=nn.SiLU,
             drop_path: float = 0.0,
+            mid_chs: int | None = None,  # expansion channels; None: make_divisible(in_chs * exp_ratio)
     ):
         super().__init__()
-        mid_chs = make_divisible(in_chs * exp_ratio)
+        mid_chs = mid_chs or make_divisible(in_chs * exp_ratio)
         self.has_skip = stride == 1 and in_chs == out_chs
         self.conv1_1x1 = ConvNormAct(in_chs, mid_chs, 1, act_layer=act_layer)
         self.conv2_kxk = ConvNormAct(mid_chs, mid_chs, kernel_size, stride=stride, groups=mid_chs, act_layer=act_layer)
@@ -142,19 +201,23 @@ class MobileVitBlock(nn.Module):
             attn_drop: float = 0.0,
             proj_drop: float = 0.0,
             drop_path: float = 0.0,
+            mlp_hidden: Sequence[int] | None = None,  # per layer; None: transformer_depth x dim * mlp_ratio
+            out_chs: int | None = None,  # fusion output; None: in_chs
     ):
         super().__init__()
+        if mlp_hidden is None:
+            mlp_hidden = (int(transformer_dim * mlp_ratio),) * transformer_depth
         self.conv_kxk = ConvNormAct(in_chs, in_chs, kernel_size, act_layer=act_layer)
         self.conv_1x1 = nn.Conv2d(in_chs, transformer_dim, kernel_size=1, bias=False)
         self.transformer = nn.Sequential(*[
             TransformerBlock(
-                transformer_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=proj_drop,
+                transformer_dim, num_heads=num_heads, mlp_hidden=hidden, qkv_bias=True, proj_drop=proj_drop,
                 attn_drop=attn_drop, drop_path=drop_path, act_layer=act_layer, norm_layer=norm_layer)
-            for _ in range(transformer_depth)
+            for hidden in mlp_hidden
         ])
         self.norm = norm_layer(transformer_dim)
         self.conv_proj = ConvNormAct(transformer_dim, in_chs, 1, act_layer=act_layer)
-        self.conv_fusion = ConvNormAct(2 * in_chs, in_chs, kernel_size, act_layer=act_layer)
+        self.conv_fusion = ConvNormAct(2 * in_chs, out_chs or in_chs, kernel_size, act_layer=act_layer)
         self.patch_size = patch_size
 
     def unfold(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,20 +282,14 @@ class ClassifierHead(nn.Module):
 
 
 class MobileViT(nn.Module):
-    """MobileViT v1: stem -> 5 stages (MobileNetV2 blocks, MobileViT blocks in stages 3-5) -> 1x1 -> head."""
+    """MobileViT v1: stem -> 5 stages (MobileNetV2 blocks, MobileViT blocks in stages 3-5) -> 1x1 -> head.
+
+    Built from a `MobileViTCfg` (every width explicit); `self.arch_cfg` is the config it was built from.
+    """
 
     def __init__(
             self,
-            stem_chs: int,
-            chs: tuple,
-            depths: tuple,
-            expansion: float,
-            transformer_dims: tuple,
-            transformer_depths: tuple,
-            num_heads: int = 4,
-            patch_size: int = 2,
-            mlp_ratio: float = 2.0,
-            num_features: int = 640,
+            cfg: MobileViTCfg,
             num_classes: int = 1000,
             in_chans: int = 3,
             drop_rate: float = 0.0,
@@ -241,32 +298,34 @@ class MobileViT(nn.Module):
             zero_init_last: bool = True,
     ):
         super().__init__()
+        self.arch_cfg = cfg
         self.num_classes = num_classes
         self.drop_rate = drop_rate
-        self.patch_size = patch_size
-        self.stem = ConvNormAct(in_chans, stem_chs, 3, stride=2, act_layer=act_layer)
+        self.stem = ConvNormAct(in_chans, cfg.stem_chs, 3, stride=2, act_layer=act_layer)
 
         # stochastic depth rises linearly over all blocks (a MobileViT block counts as one), as timm
-        n_blocks = [d + (1 if td else 0) for d, td in zip(depths, transformer_depths)]
+        n_blocks = [len(st.blocks) + (st.vit is not None) for st in cfg.stages]
         dpr = torch.linspace(0, drop_path_rate, sum(n_blocks)).split(n_blocks)
         stages = []
-        prev = stem_chs
-        for i, (c, d, s, td, tdepth) in enumerate(zip(chs, depths, _STAGE_STRIDES, transformer_dims, transformer_depths)):
+        prev = cfg.stem_chs
+        for st, rates in zip(cfg.stages, dpr):
             blocks = []
-            for j in range(d):
-                blocks.append(InvertedResidual(
-                    prev, c, stride=s if j == 0 else 1, exp_ratio=expansion, act_layer=act_layer,
-                    drop_path=float(dpr[i][j])))
-                prev = c
-            if tdepth:
+            for b, rate in zip(st.blocks, rates):
+                blocks.append(InvertedResidual(prev, b.out_chs, stride=b.stride, mid_chs=b.mid_chs, act_layer=act_layer,
+                                               drop_path=float(rate)))
+                prev = b.out_chs
+            if st.vit is not None:
+                v = st.vit
                 blocks.append(MobileVitBlock(
-                    c, td, tdepth, num_heads=num_heads, patch_size=patch_size, mlp_ratio=mlp_ratio,
-                    act_layer=act_layer, drop_path=float(dpr[i][d])))
+                    prev, v.dim, num_heads=v.num_heads, patch_size=v.patch_size, mlp_hidden=v.mlp_hidden,
+                    out_chs=v.out_chs, act_layer=act_layer, drop_path=float(rates[-1])))
+                prev = v.out_chs or prev
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
-        self.final_conv = ConvNormAct(prev, num_features, 1, act_layer=act_layer)
-        self.num_features = self.head_hidden_size = num_features
-        self.head = ClassifierHead(num_features, num_classes, drop_rate)
+        self.patch_size = cfg.stages[-1].vit.patch_size if cfg.stages and cfg.stages[-1].vit else 2
+        self.final_conv = ConvNormAct(prev, cfg.num_features, 1, act_layer=act_layer)
+        self.num_features = self.head_hidden_size = cfg.num_features
+        self.head = ClassifierHead(cfg.num_features, num_classes, drop_rate)
         self._init_weights(zero_init_last)
 
     def _init_weights(self, zero_init_last: bool):
@@ -310,8 +369,20 @@ class MobileViT(nn.Module):
         return self.forward_head(x)  # [B, num_classes]
 
 
-def _create_mobilevit(variant: str, **kwargs) -> MobileViT:
-    return MobileViT(**{**model_cfgs[variant], **kwargs})
+_ARCH_FIELDS = {f.name for f in fields(MobileViTCfg)}
+
+
+def _create_mobilevit(variant: str, cfg: MobileViTCfg | dict | None = None, **kwargs) -> MobileViT:
+    """The variant's config, or `cfg` (a MobileViTCfg or its dict), with architecture fields in `kwargs`
+    (stem_chs, stages, num_features) replaced; the other kwargs go to MobileViT."""
+    arch = model_cfgs[variant] if cfg is None else (MobileViTCfg.from_dict(cfg) if isinstance(cfg, dict) else cfg)
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _ARCH_FIELDS}
+    if overrides:
+        stages = overrides.get("stages")
+        if isinstance(stages, (list, tuple)) and stages and isinstance(stages[0], dict):  # dict form
+            overrides["stages"] = MobileViTCfg.from_dict({**arch.to_dict(), "stages": stages}).stages
+        arch = replace(arch, **overrides)
+    return MobileViT(arch, **kwargs)
 
 
 @register_model(cfg=_deploy_cfg())

@@ -16,12 +16,16 @@ from __future__ import annotations
 import os
 import random
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 from ..data import SAMPLES_DIR, list_images, load_rgb, sample_images
 from ..errors import DataError, UserError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_CALIB_SIZE = 256  # with --calib-data; the shipped set is used whole (40 images)
 DEFAULT_BATCH_SIZE = 16
@@ -127,7 +131,7 @@ def _balanced_subset_flat(samples: list[tuple[str, str]], n: int) -> tuple[list[
 
 
 def calibration_batches(calib: CalibrationSet, deploy_cfg, *, batch_size: int = DEFAULT_BATCH_SIZE,
-                        desc: str = "calibrating", progress: bool = True) -> Iterator["torch.Tensor"]:
+                        desc: str = "calibrating", progress: bool = True) -> Iterator[torch.Tensor]:
     """Preprocessed [B, 3, H, W] batches of `calib` (the model's own eval transform), with a progress bar.
 
     Undecodable images are skipped with a warning; a set where nothing decodes raises DataError.
@@ -146,7 +150,7 @@ def calibration_batches(calib: CalibrationSet, deploy_cfg, *, batch_size: int = 
             try:
                 img = load_rgb(p)
             except Exception as e:  # PIL raises many types for corrupt files
-                warnings.warn(f"calibration: skipping undecodable image {p}: {type(e).__name__}")
+                warnings.warn(f"calibration: skipping undecodable image {p}: {type(e).__name__}", stacklevel=2)
                 bar.update(1)
                 continue
             buf.append(t(img))

@@ -1,29 +1,46 @@
-"""One small, validated config per quantization scheme (the torchao style: config object + apply).
+"""The quantization scheme registry (torchao style): a validated config class + a handler registered beside it.
 
-Each config class names its `scheme` and `target`; `quantize_model(model, config, ...)` applies it
-(see `__init__.py`). Invalid values raise UserError at construction, so a bad scheme is refused
-before anything is exported.
+A scheme is declared once, in its target's module (`executorch_schemes.py`, `coreml_schemes.py`):
 
-Calibration method (`calibration`) of the two calibrated W8A8 schemes: "minmax" (default) converts
-the quantizer's own observers as they are; "vit" runs `vit_ptq.apply_vit_calibration` (ViT-aware
-PTQ, Liu et al. 2021) on the observed graph before convert_pt2e (CLI: --calibration vit).
+    @dataclass(frozen=True)
+    class Int8StaticConfig(QuantConfig):
+        scheme: ClassVar[str] = "int8"              # the --quant name
+        target: ClassVar[str] = "executorch"
+        calibrated: ClassVar[bool] = True            # takes calib_data / calib_size
+        verify_min_sqnr_db: ClassVar[float] = 20.0   # artifact vs its own torch-side module
+        ...fields, validated in __post_init__ (UserError)...
 
-Keep-in-float (`keep_float`, `keep_float_auto`) for the two calibrated W8A8 schemes: patterns over
-the *innermost module path* of each quantizable op (`fnmatch`): `stem.conv` matches exactly that
-module's ops, `stages.2.*` everything inside stage 2. `keep_float_auto=N` adds the N units ranked
-most sensitive by `sensitivity.rank_units` on the calibration images (per-unit SQNR, see there).
+    @register_scheme(Int8StaticConfig)
+    def _apply_int8_static(model, cfg, deploy_cfg, calib, progress, log) -> QuantizedModel: ...
+
+`quantize_model(model, config)` looks the handler up by the config's type. A config class can offer
+several scheme names through `variants` (palette6 / palette4 are `CoreMLPaletteConfig(nbits=6 / 4)`).
+Invalid values raise UserError at construction, so a bad scheme is refused before anything is exported.
+
+Calibrated schemes hold their calibration options (`calib_data`: a folder of images, None for the
+shipped samples; `calib_size`: how many, deterministic and class-balanced); `calibration_set()` picks
+the images. Keep-in-float (`keep_float`, `keep_float_auto`) for the two calibrated W8A8 schemes:
+`fnmatch` patterns over the *innermost module path* of each quantizable op (`stem.conv`,
+`stages.2.*`); `keep_float_auto=N` adds the N units ranked most sensitive by
+`sensitivity.rank_units` on the calibration images. Calibration method (`calibration`) of the W8A8
+schemes: "minmax" converts the quantizer's own observers as they are; "vit" runs
+`vit_ptq.apply_vit_calibration` (ViT-aware PTQ, Liu et al. 2021) on the observed graph first.
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from ..errors import UserError
+from ..errors import UserError, choices_error
 
 __all__ = [
-    "Int8StaticConfig", "Int8DynamicConfig", "CoreMLWeightInt8Config", "CoreMLPaletteConfig", "CoreMLInt8Config",
-    "CoreMLMixedPaletteConfig", "parse_keep_float", "DEFAULT_KEEP_FLOAT", "CALIBRATION_METHODS",
+    "QuantConfig", "QuantizedModel", "CoreMLCompression", "register_scheme", "scheme_table", "handler_for",
+    "parse_keep_float", "DEFAULT_KEEP_FLOAT", "CALIBRATION_METHODS", "TARGETS",
 ]
+
+TARGETS = ("executorch", "coreml", "onnx")
 
 # Measured default of --keep-float for the calibrated int8 schemes (benchmarks/ptq_mobilevit_xxs.md):
 # keep nothing in float unless asked. See `DEFAULT_KEEP_FLOAT_REASON`.
@@ -36,12 +53,18 @@ DEFAULT_KEEP_FLOAT_REASON = (
     "--keep-float auto:3 is the documented higher-fidelity choice"
 )
 
-_COREML_PALETTE_NBITS = (1, 2, 3, 4, 6, 8)
+COREML_PALETTE_NBITS = (1, 2, 3, 4, 6, 8)
 # W8A8 calibration methods: the quantizer's own observers, or ViT-aware PTQ on top of them (vit_ptq.py)
 CALIBRATION_METHODS = ("minmax", "vit")
+# `verification` of a quantized artifact compares it with its own torch-side module; the pass
+# threshold (dB) of a scheme that does not set its own (Core ML: only run on macOS, fp16 Core ML
+# against the torch-side module).
+DEFAULT_VERIFY_MIN_SQNR_DB = 20.0
 
 
-def _check_keep_float(patterns, auto) -> tuple[tuple[str, ...], int]:
+# ----------------------------------------------------------------------------------------- validators
+
+def check_keep_float(patterns, auto) -> tuple[tuple[str, ...], int]:
     if isinstance(patterns, str):
         patterns = (patterns,)
     patterns = tuple(patterns)
@@ -50,205 +73,35 @@ def _check_keep_float(patterns, auto) -> tuple[tuple[str, ...], int]:
             raise UserError(f"keep_float: bad module pattern {p!r} (a module path like 'stages.2.1.conv_kxk.conv' "
                             "or a glob like 'stages.2.*')")
         if p.startswith("auto"):
-            raise UserError(f"keep_float: {p!r} is not a module pattern; use keep_float_auto=N (CLI: --keep-float auto:N)")
+            raise UserError(f"keep_float: {p!r} is not a module pattern; use keep_float_auto=N "
+                            "(CLI: --keep-float auto:N)")
     if isinstance(auto, bool) or not isinstance(auto, int) or auto < 0:
         raise UserError(f"keep_float_auto must be an integer >= 0, got {auto!r}")
     return patterns, auto
 
 
-def _check_batch(n):
+def check_positive_int(name: str, n) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"calib_batch_size must be a positive integer, got {n!r}")
+        raise UserError(f"{name} must be a positive integer, got {n!r}")
 
 
-def _check_calibration(method):
+def check_calibration_method(method) -> None:
     if method not in CALIBRATION_METHODS:
         raise UserError(f"unknown calibration method {method!r} (choose from: {', '.join(CALIBRATION_METHODS)})")
 
 
-def _check_threshold(n):
+def check_threshold(n) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise UserError(f"weight_threshold must be an integer >= 0, got {n!r}")
 
 
-class _Config:
-    scheme: ClassVar[str]
-    target: ClassVar[str]
-    calibrated: ClassVar[bool] = False
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-
-
-@dataclass(frozen=True)
-class Int8StaticConfig(_Config):
-    """ExecuTorch `int8`: static W8A8 through torchao's pt2e flow with the XNNPACK quantizer.
-
-    Weights int8 symmetric (per output channel by default), activations int8 per tensor from a
-    histogram observer over the calibration images; lowered to the XNNPACK delegate.
-    """
-
-    scheme: ClassVar[str] = "int8"
-    target: ClassVar[str] = "executorch"
-    calibrated: ClassVar[bool] = True
-
-    per_channel: bool = True
-    keep_float: tuple[str, ...] = ()
-    keep_float_auto: int = 0
-    calib_batch_size: int = 16
-    calibration: str = "minmax"  # minmax | vit (see the module docstring)
-
-    def __post_init__(self):
-        if not isinstance(self.per_channel, bool):
-            raise UserError(f"per_channel must be True or False, got {self.per_channel!r}")
-        kf, auto = _check_keep_float(self.keep_float, self.keep_float_auto)
-        object.__setattr__(self, "keep_float", kf)
-        _check_batch(self.calib_batch_size)
-        _check_calibration(self.calibration)
-
-
-@dataclass(frozen=True)
-class Int8DynamicConfig(_Config):
-    """ExecuTorch `int8-dynamic`: torchao `quantize_` with `Int8DynamicActivationIntxWeightConfig`.
-
-    nn.Linear weights int8 (per output channel, or per group of `group_size` input channels),
-    activations quantized to int8 at run time (no calibration); convolutions stay fp32.
-    Measured: Int8DynamicActivationInt8WeightConfig does not lower to XNNPACK (aten._int_mm) and
-    Int8WeightOnlyConfig lowers but fails at run time, so neither is offered.
-    """
-
-    scheme: ClassVar[str] = "int8-dynamic"
-    target: ClassVar[str] = "executorch"
-
-    granularity: str = "per_channel"  # per_channel | per_group
-    group_size: int = 32
-    keep_float: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        if self.granularity not in ("per_channel", "per_group"):
-            raise UserError(f"granularity must be per_channel or per_group, got {self.granularity!r}")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1 \
-                or self.group_size % 32:
-            raise UserError(f"group_size must be a positive multiple of 32 (XNNPACK), got {self.group_size!r}")
-        kf, _ = _check_keep_float(self.keep_float, 0)
-        object.__setattr__(self, "keep_float", kf)
-
-
-@dataclass(frozen=True)
-class CoreMLWeightInt8Config(_Config):
-    """Core ML `w8`: int8 symmetric per-channel weights (`coremltools.optimize.coreml.linear_quantize_weights`).
-
-    Weights with at most `weight_threshold` elements stay fp16 (coremltools' default, 2048).
-    """
-
-    scheme: ClassVar[str] = "w8"
-    target: ClassVar[str] = "coreml"
-
-    granularity: str = "per_channel"  # per_channel | per_tensor
-    weight_threshold: int = 2048
-
-    def __post_init__(self):
-        if self.granularity not in ("per_channel", "per_tensor"):
-            raise UserError(f"granularity must be per_channel or per_tensor, got {self.granularity!r}")
-        if isinstance(self.weight_threshold, bool) or not isinstance(self.weight_threshold, int) or self.weight_threshold < 0:
-            raise UserError(f"weight_threshold must be an integer >= 0, got {self.weight_threshold!r}")
-
-
-@dataclass(frozen=True)
-class CoreMLPaletteConfig(_Config):
-    """Core ML `palette6` / `palette4`: k-means weight palettization, one 2^nbits LUT per tensor
-    (`coremltools.optimize.coreml.palettize_weights`; per-tensor LUTs run from iOS 16)."""
-
-    target: ClassVar[str] = "coreml"
-
-    nbits: int = 6
-    weight_threshold: int = 2048
-
-    @property
-    def scheme(self) -> str:  # type: ignore[override]
-        return f"palette{self.nbits}"
-
-    def __post_init__(self):
-        if self.nbits not in _COREML_PALETTE_NBITS:
-            raise UserError(f"nbits must be one of {', '.join(map(str, _COREML_PALETTE_NBITS))}, got {self.nbits!r}")
-        if isinstance(self.weight_threshold, bool) or not isinstance(self.weight_threshold, int) or self.weight_threshold < 0:
-            raise UserError(f"weight_threshold must be an integer >= 0, got {self.weight_threshold!r}")
-
-
-@dataclass(frozen=True)
-class CoreMLInt8Config(_Config):
-    """Core ML `int8`: W8A8 through ExecuTorch's `CoreMLQuantizer` on the pt2e graph (iOS 17+).
-
-    Weights int8 symmetric per channel, activations uint8 with a min/max observer over the
-    calibration images; the converted q/dq graph becomes Core ML quantize/dequantize ops.
-    """
-
-    scheme: ClassVar[str] = "int8"
-    target: ClassVar[str] = "coreml"
-    calibrated: ClassVar[bool] = True
-
-    keep_float: tuple[str, ...] = ()
-    keep_float_auto: int = 0
-    calib_batch_size: int = 16
-    minimum_deployment_target: str = "iOS17"
-    calibration: str = "minmax"  # minmax | vit (see the module docstring)
-
-    def __post_init__(self):
-        kf, auto = _check_keep_float(self.keep_float, self.keep_float_auto)
-        object.__setattr__(self, "keep_float", kf)
-        _check_batch(self.calib_batch_size)
-        _check_calibration(self.calibration)
-        if self.minimum_deployment_target not in ("iOS17", "iOS18", "macOS14", "macOS15"):
-            raise UserError("minimum_deployment_target must be iOS17 or later (activation quantization), "
-                            f"got {self.minimum_deployment_target!r}")
-
-
-@dataclass(frozen=True)
-class CoreMLMixedPaletteConfig(_Config):
-    """Core ML `palette-mixed`: per-layer 4/6/8-bit k-means palettes under an average-bits budget.
-
-    `mixed_precision.plan_mixed_precision` ranks the conv/linear weights by a nuclear-norm
-    sensitivity measured on the calibration images (hence `calibrated`) and the measured k-means
-    error of each width, and picks the bits per layer that minimise the sensitivity-weighted error
-    with sum(size * bits) <= budget_avg_bits * sum(size) over the palettized weights (those with more
-    than `weight_threshold` elements; smaller ones stay fp16, outside the budget). One LUT per tensor
-    (`palettize_weights` with one `OpPalettizerConfig` per op; iOS 16).
-    """
-
-    scheme: ClassVar[str] = "palette-mixed"
-    target: ClassVar[str] = "coreml"
-    calibrated: ClassVar[bool] = True
-
-    budget_avg_bits: float = 6.0
-    choices: tuple[int, ...] = (4, 6, 8)
-    weight_threshold: int = 2048
-    sensitivity_images: int = 32
-    calib_batch_size: int = 16
-
-    def __post_init__(self):
-        import math
-
-        choices = (self.choices,) if isinstance(self.choices, int) else tuple(self.choices)
-        if not choices or len(set(choices)) != len(choices) or any(
-                isinstance(b, bool) or b not in _COREML_PALETTE_NBITS for b in choices):
-            raise UserError(f"choices must be distinct bit widths from {', '.join(map(str, _COREML_PALETTE_NBITS))} "
-                            f"(Core ML LUT sizes), got {self.choices!r}")
-        choices = tuple(sorted(choices))
-        object.__setattr__(self, "choices", choices)
-        b = self.budget_avg_bits
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b):
-            raise UserError(f"--weight-bits-budget must be a number of average bits, got {b!r}")
-        lo, hi = choices[0], choices[-1]
-        if not lo <= b <= hi:
-            raise UserError(f"--weight-bits-budget {b:g} is {'below the smallest' if b < lo else 'above the largest'} "
-                            f"bit width offered ({', '.join(map(str, choices))}): give {lo} <= B <= {hi} average bits")
-        object.__setattr__(self, "budget_avg_bits", float(b))
-        _check_threshold(self.weight_threshold)
-        if isinstance(self.sensitivity_images, bool) or not isinstance(self.sensitivity_images, int) \
-                or self.sensitivity_images < 1:
-            raise UserError(f"sensitivity_images must be a positive integer, got {self.sensitivity_images!r}")
-        _check_batch(self.calib_batch_size)
+def check_calibration_source(cfg) -> None:
+    """`calib_data` (a path, kept as a string) and `calib_size` of a calibrated config."""
+    if cfg.calib_data is not None:
+        object.__setattr__(cfg, "calib_data", os.fspath(cfg.calib_data))
+    if cfg.calib_size is not None and (isinstance(cfg.calib_size, bool) or not isinstance(cfg.calib_size, int)
+                                       or cfg.calib_size < 1):
+        raise UserError(f"--calib-size must be a positive integer, got {cfg.calib_size!r}")
 
 
 def parse_keep_float(text: str | None) -> tuple[tuple[str, ...], int] | None:
@@ -273,4 +126,120 @@ def parse_keep_float(text: str | None) -> tuple[tuple[str, ...], int] | None:
             auto = int(n)
         else:
             patterns.append(part)
-    return _check_keep_float(tuple(patterns), auto)
+    return check_keep_float(tuple(patterns), auto)
+
+
+# ----------------------------------------------------------------------------------------- base class
+
+class QuantConfig:
+    """Base of every scheme config (a frozen dataclass). Class attributes declare the scheme."""
+
+    scheme: ClassVar[str]
+    target: ClassVar[str]
+    calibrated: ClassVar[bool] = False
+    verify_min_sqnr_db: ClassVar[float] = DEFAULT_VERIFY_MIN_SQNR_DB
+    # scheme name -> field presets, for a class that offers several names (default: {scheme: {}})
+    variants: ClassVar[dict[str, dict] | None] = None
+
+    @classmethod
+    def scheme_variants(cls) -> dict[str, dict]:
+        return dict(cls.variants) if cls.variants is not None else {cls.scheme: {}}
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return set(cls.__dataclass_fields__)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    def calibration_set(self):
+        """The calibration images of a calibrated scheme (`load_calibration(calib_data, calib_size)`);
+        None for a scheme that takes none. Raises DataError for a missing or empty folder."""
+        if not self.calibrated:
+            return None
+        from .calibration import load_calibration
+
+        return load_calibration(self.calib_data, self.calib_size)
+
+
+# ----------------------------------------------------------------------------------------- registry
+
+_HANDLERS: dict[type, Callable] = {}
+_SCHEMES: dict[str, dict[str, tuple[type, dict]]] = {t: {} for t in TARGETS}
+
+
+def register_scheme(config_cls: type):
+    """Decorator: register `handler(model, cfg, deploy_cfg, calib, progress, log) -> QuantizedModel` for
+    `config_cls` and its scheme name(s) under `config_cls.target`."""
+    if not issubclass(config_cls, QuantConfig):
+        raise TypeError(f"{config_cls.__name__} is not a QuantConfig")
+
+    def wrap(handler):
+        _HANDLERS[config_cls] = handler
+        for name, preset in config_cls.scheme_variants().items():
+            _SCHEMES.setdefault(config_cls.target, {})[name] = (config_cls, dict(preset))
+        return handler
+
+    return wrap
+
+
+def scheme_table() -> dict[str, dict[str, tuple[type, dict]]]:
+    """{target: {scheme name: (config class, preset fields)}} of every registered scheme."""
+    return {t: dict(s) for t, s in _SCHEMES.items()}
+
+
+def handler_for(config) -> Callable:
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        raise UserError(f"not a quantization config: {type(config).__name__}")
+    return handler
+
+
+def lookup_scheme(target: str, scheme: str) -> tuple[type, dict]:
+    """(config class, preset) of `scheme` for `target`; UserError naming the choices."""
+    if target not in _SCHEMES:
+        raise choices_error("target", target, sorted(_SCHEMES))
+    table = _SCHEMES[target]
+    if not table:
+        avail = "; ".join(t + ": " + ", ".join(sorted(s)) for t, s in _SCHEMES.items() if s)
+        raise UserError(f"no quantization scheme for target {target!r} yet (available: {avail})")
+    if scheme not in table:
+        raise choices_error(f"quantization scheme for {target}", scheme, sorted(table))
+    return table[scheme]
+
+
+# ----------------------------------------------------------------------------------------- results
+
+@dataclass
+class CoreMLCompression:
+    """What a Core ML compression pass returns: the compressed MLModel, the torch-side module with its
+    numerics, and the keys it adds to the manifest's `quantization` block."""
+
+    mlmodel: Any
+    reference: Any
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class QuantizedModel:
+    """What `quantize_model` returns; the export's quantize stage captures `module` for lowering."""
+
+    config: Any
+    module: Any  # nn.Module to capture and lower, logits out
+    reference: Any  # nn.Module with the artifact's numerics in PyTorch (torch-side check)
+    info: dict  # manifest `quantization` block (without the measured size/accuracy figures)
+    # Core ML weight schemes: MLModel -> CoreMLCompression (a pure function: nothing here changes)
+    compress_mlmodel: Callable | None = None
+    sensitivity: Any = None  # sensitivity.SensitivityReport when keep_float_auto was used
+    timings_s: dict = field(default_factory=dict)
+
+    @property
+    def minimum_deployment_target(self) -> str | None:
+        """Core ML deployment target the scheme needs (int8: iOS17), or None."""
+        return getattr(self.config, "minimum_deployment_target", None)
+
+    @property
+    def verify_min_sqnr_db(self) -> float:
+        """Pass threshold of the artifact against `reference` (not against fp32)."""
+        return type(self.config).verify_min_sqnr_db

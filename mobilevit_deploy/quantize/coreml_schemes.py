@@ -1,4 +1,4 @@
-"""Core ML schemes.
+"""Core ML schemes: each config (validated dataclass, scheme attributes) declared beside its handler.
 
 - `w8`, `palette6`, `palette4`: weight compression of the converted MLModel with
   `coremltools.optimize.coreml` (`linear_quantize_weights` / `palettize_weights`), applied between
@@ -6,6 +6,8 @@
 - `palette-mixed`: per-layer 4/6/8-bit palettes under an average-bits budget
   (`mixed_precision.plan_mixed_precision` on the converted, uncompressed MLModel, then
   `palettize_weights` with the plan's per-op config), applied at the same point.
+  Both return a `CoreMLCompression` (the compressed MLModel, its torch-side module, manifest keys):
+  the QuantizedModel they come from is not changed.
 - `int8`: W8A8 with ExecuTorch's `CoreMLQuantizer` on the pt2e graph (prepare -> calibrate ->
   convert); the q/dq graph converts to Core ML quantize/dequantize ops (iOS 17 target).
 
@@ -24,19 +26,198 @@ of these schemes are checked torch-side and the manifest says so:
 """
 from __future__ import annotations
 
+import copy
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import ClassVar
+
 from ..errors import UserError
-from .configs import CoreMLInt8Config, CoreMLMixedPaletteConfig, CoreMLPaletteConfig, CoreMLWeightInt8Config
+from .configs import (
+    COREML_PALETTE_NBITS,
+    CoreMLCompression,
+    QuantConfig,
+    QuantizedModel,
+    check_calibration_method,
+    check_calibration_source,
+    check_keep_float,
+    check_positive_int,
+    check_threshold,
+    register_scheme,
+)
+from .mixed_precision import MixedPrecisionConfig, check_plan_options
+from .pt2e import W8A8Scheme, calibrated_pt2e
 
 TORCH_SIDE_WEIGHTS = ("torch-side simulation: coremltools' own compress/decompress "
                       "(coremltools.optimize.coreml {fn}.blockwise_compress + decompress) applied to the "
                       "fp16-rounded weights of the BN-folded torch graph, evaluated in PyTorch fp32; the .mlpackage "
                       "itself cannot be run on Linux")
 TORCH_SIDE_MIXED = ("torch-side: the BN-folded torch graph with every conv/linear weight read back from the "
-                    "palettized Core ML program (coremltools decompresses the artifact's own per-layer LUTs), evaluated "
-                    "in PyTorch fp32 (fp16 compute and fp16 biases not simulated); the .mlpackage itself cannot be run "
-                    "on Linux")
+                    "palettized Core ML program (coremltools decompresses the artifact's own per-layer LUTs), "
+                    "evaluated in PyTorch fp32 (fp16 compute and fp16 biases not simulated); the .mlpackage itself "
+                    "cannot be run on Linux")
 TORCH_SIDE_INT8 = ("torch-side: the converted pt2e q/dq module (CoreMLQuantizer) that Core ML is given, run in "
                    "PyTorch; the .mlpackage itself cannot be run on Linux")
+
+
+# ----------------------------------------------------------------------------- w8, palette6, palette4
+
+@dataclass(frozen=True)
+class CoreMLWeightInt8Config(QuantConfig):
+    """Core ML `w8`: int8 symmetric per-channel weights (`coremltools.optimize.coreml.linear_quantize_weights`).
+
+    Weights with at most `weight_threshold` elements stay fp16 (coremltools' default, 2048).
+    """
+
+    scheme: ClassVar[str] = "w8"
+    target: ClassVar[str] = "coreml"
+
+    granularity: str = "per_channel"  # per_channel | per_tensor
+    weight_threshold: int = 2048
+
+    def __post_init__(self):
+        if self.granularity not in ("per_channel", "per_tensor"):
+            raise UserError(f"granularity must be per_channel or per_tensor, got {self.granularity!r}")
+        check_threshold(self.weight_threshold)
+
+
+@dataclass(frozen=True)
+class CoreMLPaletteConfig(QuantConfig):
+    """Core ML `palette6` / `palette4`: k-means weight palettization, one 2^nbits LUT per tensor
+    (`coremltools.optimize.coreml.palettize_weights`; per-tensor LUTs run from iOS 16)."""
+
+    target: ClassVar[str] = "coreml"
+    variants: ClassVar[dict[str, dict]] = {"palette6": {"nbits": 6}, "palette4": {"nbits": 4}}
+
+    nbits: int = 6
+    weight_threshold: int = 2048
+
+    @property
+    def scheme(self) -> str:  # type: ignore[override]
+        return f"palette{self.nbits}"
+
+    def __post_init__(self):
+        if self.nbits not in COREML_PALETTE_NBITS:
+            raise UserError(f"nbits must be one of {', '.join(map(str, COREML_PALETTE_NBITS))}, got {self.nbits!r}")
+        check_threshold(self.weight_threshold)
+
+
+@register_scheme(CoreMLWeightInt8Config)
+@register_scheme(CoreMLPaletteConfig)
+def _apply_coreml_weights(model, cfg, deploy_cfg, calib, progress, log) -> QuantizedModel:
+    if calib is not None and not calib.shipped:
+        log(f"quantize: {cfg.scheme} compresses weights only; --calib-data is not used")
+    ref, extra = simulate_weight_compression(model, cfg, deploy_cfg, progress=progress)
+    fn = "linear_quantize_weights" if isinstance(cfg, CoreMLWeightInt8Config) else "palettize_weights"
+    info = {"scheme": cfg.scheme, "target": cfg.target, "method": describe_weights(cfg), "config": cfg.to_dict(),
+            "calibration": None, "torch_side": TORCH_SIDE_WEIGHTS.format(fn=fn), "torch_side_weights": extra}
+    log(f"quantize: {cfg.scheme} (Core ML weight compression); torch-side simulation compressed "
+        f"{extra['weights_compressed']} weight tensors")
+    return QuantizedModel(cfg, model, ref, info, compress_mlmodel=partial(compress_weights, cfg=cfg, reference=ref))
+
+
+# ----------------------------------------------------------------------------- int8 (W8A8)
+
+@dataclass(frozen=True)
+class CoreMLInt8Config(QuantConfig):
+    """Core ML `int8`: W8A8 through ExecuTorch's `CoreMLQuantizer` on the pt2e graph (iOS 17+).
+
+    Weights int8 symmetric per channel, activations uint8 with a min/max observer over the
+    calibration images; the converted q/dq graph becomes Core ML quantize/dequantize ops.
+    """
+
+    scheme: ClassVar[str] = "int8"
+    target: ClassVar[str] = "coreml"
+    calibrated: ClassVar[bool] = True
+
+    keep_float: tuple[str, ...] = ()
+    keep_float_auto: int = 0
+    calib_batch_size: int = 16
+    minimum_deployment_target: str = "iOS17"
+    calibration: str = "minmax"  # minmax | vit
+    calib_data: str | None = None  # None: the shipped sample images
+    calib_size: int | None = None
+
+    def __post_init__(self):
+        kf, _ = check_keep_float(self.keep_float, self.keep_float_auto)
+        object.__setattr__(self, "keep_float", kf)
+        check_positive_int("calib_batch_size", self.calib_batch_size)
+        check_calibration_method(self.calibration)
+        check_calibration_source(self)
+        if self.minimum_deployment_target not in ("iOS17", "iOS18", "macOS14", "macOS15"):
+            raise UserError("minimum_deployment_target must be iOS17 or later (activation quantization), "
+                            f"got {self.minimum_deployment_target!r}")
+
+
+@register_scheme(CoreMLInt8Config)
+def _apply_coreml_int8(model, cfg: CoreMLInt8Config, deploy_cfg, calib, progress, log) -> QuantizedModel:
+    scheme = W8A8Scheme(coreml_quantizer_factory(cfg), describe_int8(cfg), TORCH_SIDE_INT8)
+    return calibrated_pt2e(model, cfg, scheme, deploy_cfg, calib, progress, log)
+
+
+# ----------------------------------------------------------------------------- palette-mixed
+
+@dataclass(frozen=True)
+class CoreMLMixedPaletteConfig(MixedPrecisionConfig, QuantConfig):
+    """Core ML `palette-mixed`: per-layer 4/6/8-bit k-means palettes under an average-bits budget.
+
+    A `MixedPrecisionConfig` (the planner's own options: `mixed_precision.plan_mixed_precision`
+    takes this config as it is) plus where its calibration images come from. The planner ranks the
+    conv/linear weights by a nuclear-norm sensitivity measured on the calibration images (hence
+    `calibrated`) and the measured k-means error of each width, and picks the bits per layer that
+    minimise the sensitivity-weighted error with sum(size * bits) <= budget_avg_bits * sum(size) over
+    the palettized weights (those with more than `weight_threshold` elements; smaller ones stay fp16,
+    outside the budget). One LUT per tensor (`palettize_weights` with one `OpPalettizerConfig` per op;
+    iOS 16).
+    """
+
+    scheme: ClassVar[str] = "palette-mixed"
+    target: ClassVar[str] = "coreml"
+    calibrated: ClassVar[bool] = True
+
+    calib_batch_size: int = 16
+    calib_data: str | None = None  # None: the shipped sample images
+    calib_size: int | None = None
+
+    def __post_init__(self):
+        choices = (self.choices,) if isinstance(self.choices, int) else tuple(self.choices)
+        if not choices or len(set(choices)) != len(choices) or any(
+                isinstance(b, bool) or b not in COREML_PALETTE_NBITS for b in choices):
+            raise UserError(f"choices must be distinct bit widths from {', '.join(map(str, COREML_PALETTE_NBITS))} "
+                            f"(Core ML LUT sizes), got {self.choices!r}")
+        choices = tuple(sorted(choices))
+        object.__setattr__(self, "choices", choices)
+        b = self.budget_avg_bits
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b):
+            raise UserError(f"--weight-bits-budget must be a number of average bits, got {b!r}")
+        lo, hi = choices[0], choices[-1]
+        if not lo <= b <= hi:
+            raise UserError(f"--weight-bits-budget {b:g} is {'below the smallest' if b < lo else 'above the largest'} "
+                            f"bit width offered ({', '.join(map(str, choices))}): give {lo} <= B <= {hi} average bits")
+        object.__setattr__(self, "budget_avg_bits", float(b))
+        check_threshold(self.weight_threshold)
+        check_positive_int("sensitivity_images", self.sensitivity_images)
+        check_plan_options(self)
+        check_positive_int("calib_batch_size", self.calib_batch_size)
+        check_calibration_source(self)
+
+
+@register_scheme(CoreMLMixedPaletteConfig)
+def _apply_coreml_mixed(model, cfg: CoreMLMixedPaletteConfig, deploy_cfg, calib, progress, log) -> QuantizedModel:
+    calib = calib if calib is not None else cfg.calibration_set()
+    ref = program_weights_reference(model, deploy_cfg)
+    info = {"scheme": cfg.scheme, "target": cfg.target, "method": describe_mixed(cfg), "config": cfg.to_dict(),
+            "calibration": {**calib.describe(),
+                            "used_for": "per-layer sensitivity (nuclear norms) of the bit allocation"},
+            "torch_side": TORCH_SIDE_MIXED}
+    # the per-layer plan needs the converted (uncompressed) Core ML program: the export's compress
+    # stage calls compress_mlmodel with it and gets the palettized program, a reference holding its
+    # weights and the plan (`ref` here stays as it is: it refuses to run without weights)
+    compress = partial(compress_mixed_palette, model=model, cfg=cfg, deploy_cfg=deploy_cfg, calib=calib,
+                       reference=ref, calibration_info=info["calibration"], progress=progress, log=log)
+    log(f"quantize: palette-mixed, budget {cfg.budget_avg_bits:g} average weight bits over "
+        f"{'/'.join(map(str, cfg.choices))}-bit palettes; per-layer bits are planned on the converted Core ML program")
+    return QuantizedModel(cfg, model, ref, info, compress_mlmodel=compress)
 
 
 # ----------------------------------------------------------------------------- weight compression
@@ -53,8 +234,9 @@ def _op_config(cfg):
     raise TypeError(f"not a Core ML weight-compression config: {cfg!r}")
 
 
-def compress_mlmodel(mlmodel, cfg):
-    """The compressed MLModel (`linear_quantize_weights` / `palettize_weights` with `cfg`)."""
+def compress_weights(mlmodel, cfg, reference=None) -> CoreMLCompression:
+    """w8 / palette6 / palette4: the MLModel compressed with `linear_quantize_weights` /
+    `palettize_weights`; `reference` (the torch-side simulation) comes back unchanged."""
     import logging
 
     from coremltools.optimize.coreml import OptimizationConfig, linear_quantize_weights, palettize_weights
@@ -65,7 +247,12 @@ def compress_mlmodel(mlmodel, cfg):
         out = linear_quantize_weights(mlmodel, config=oc)
     else:
         out = palettize_weights(mlmodel, config=oc)
-    return _keep_descriptions(mlmodel, out, cfg.scheme)
+    return CoreMLCompression(_keep_descriptions(mlmodel, out, cfg.scheme), reference)
+
+
+def compress_mlmodel(mlmodel, cfg):
+    """The compressed MLModel (`linear_quantize_weights` / `palettize_weights` with `cfg`)."""
+    return compress_weights(mlmodel, cfg).mlmodel
 
 
 def _keep_descriptions(mlmodel, out, scheme: str):
@@ -127,7 +314,7 @@ def simulate_weight_compression(model, cfg, deploy_cfg, *, progress: bool = True
     from torchao.quantization.pt2e.utils import _fuse_conv_bn_
     from tqdm.auto import tqdm
 
-    from ._pt2e import QuantizedGraph, capture_dynamic_batch
+    from .pt2e import QuantizedGraph, capture_dynamic_batch
 
     gm = capture_dynamic_batch(model, deploy_cfg)
     _fuse_conv_bn_(gm)  # Core ML's MIL passes fold BN into the conv weights before compression
@@ -142,7 +329,7 @@ def simulate_weight_compression(model, cfg, deploy_cfg, *, progress: bool = True
             targets.append((n.target, t))
     done, skipped = 0, 0
     with torch.no_grad():
-        for name, t in tqdm(targets, desc=f"simulating {cfg.scheme}", unit="w", disable=not progress, leave=False):
+        for _name, t in tqdm(targets, desc=f"simulating {cfg.scheme}", unit="w", disable=not progress, leave=False):
             if t.ndim < 2 or t.numel() <= cfg.weight_threshold:
                 skipped += 1
                 continue
@@ -225,7 +412,7 @@ def program_weights_reference(model, deploy_cfg):
     MIL passes fold it); see the module docstring."""
     from torchao.quantization.pt2e.utils import _fuse_conv_bn_
 
-    from ._pt2e import capture_dynamic_batch
+    from .pt2e import capture_dynamic_batch
 
     gm = capture_dynamic_batch(model, deploy_cfg)
     _fuse_conv_bn_(gm)
@@ -257,64 +444,65 @@ def palettized_bits(mlmodel) -> dict[str, int]:
     return out
 
 
-def mixed_palette_compressor(model, cfg: CoreMLMixedPaletteConfig, deploy_cfg, calib, *, reference, info: dict,
-                             progress: bool = True, log=None):
-    """`compress(mlmodel) -> palettized MLModel` for palette-mixed: plan_mixed_precision on the
-    uncompressed `mlmodel` with the first `cfg.sensitivity_images` calibration images, then
-    palettize_weights with the plan's per-op config. It loads the artifact's weights into
-    `reference` and adds the plan (`mixed_precision`) and the read-back (`torch_side_weights`) to
-    `info` (the manifest's quantization block)."""
+def _sensitivity_batches(calib, deploy_cfg, cfg, progress) -> tuple[list, int]:
+    """The first `cfg.sensitivity_images` calibration images, in batches: (batches, images)."""
+    from .calibration import calibration_batches
+
+    batches, n = [], 0
+    for b in calibration_batches(calib, deploy_cfg, batch_size=cfg.calib_batch_size, desc="sensitivity",
+                                 progress=progress):
+        take = min(b.shape[0], cfg.sensitivity_images - n)
+        batches.append(b[:take])
+        n += take
+        if n >= cfg.sensitivity_images:
+            break
+    return batches, n
+
+
+def compress_mixed_palette(mlmodel, *, model, cfg: CoreMLMixedPaletteConfig, deploy_cfg, calib, reference,
+                           calibration_info: dict, progress: bool = True, log=None) -> CoreMLCompression:
+    """palette-mixed on the converted, uncompressed `mlmodel`: plan_mixed_precision with the first
+    `cfg.sensitivity_images` calibration images, palettize_weights with the plan's per-op config, and
+    a copy of `reference` holding the artifact's weights (read back). Returns the palettized MLModel,
+    that reference and the manifest keys `mixed_precision`, `calibration`, `torch_side_weights`."""
+    import logging
+    import time
+
+    from coremltools.optimize.coreml import palettize_weights
+
+    from .mixed_precision import average_bits, plan_mixed_precision
+
     log = log or (lambda s: None)
-
-    def compress(mlmodel):
-        import logging
-        import time
-
-        from coremltools.optimize.coreml import palettize_weights
-
-        from .calibration import calibration_batches
-        from .mixed_precision import MixedPrecisionConfig, average_bits, plan_mixed_precision
-
-        t = time.perf_counter()
-        batches, n = [], 0
-        for b in calibration_batches(calib, deploy_cfg, batch_size=cfg.calib_batch_size, desc="sensitivity",
-                                     progress=progress):
-            take = min(b.shape[0], cfg.sensitivity_images - n)
-            batches.append(b[:take])
-            n += take
-            if n >= cfg.sensitivity_images:
-                break
-        mcfg = MixedPrecisionConfig(budget_avg_bits=cfg.budget_avg_bits, choices=tuple(cfg.choices),
-                                    weight_threshold=cfg.weight_threshold, sensitivity_images=cfg.sensitivity_images)
-        plan = plan_mixed_precision(model, mlmodel, batches, mcfg)
-        t_plan = time.perf_counter() - t
-        logging.getLogger("coremltools").setLevel(logging.ERROR)
-        out = _keep_descriptions(mlmodel, palettize_weights(mlmodel, plan.config), cfg.scheme)
-        # what the artifact holds: every planned layer palettized with its planned LUT size
-        got = palettized_bits(out)
-        want = {plan.op_names[k]: b for k, b in plan.bits.items()}
-        if got != want:
-            bad = sorted(set(got.items()) ^ set(want.items()))[:3]
-            raise UserError(f"palette-mixed: the palettized program does not follow the plan (e.g. {bad})")
-        read_back = reference.load_program_weights(mlmodel, out)
-        desc = plan.describe()
-        info["mixed_precision"] = {
-            "budget_avg_bits": cfg.budget_avg_bits, "choices": list(cfg.choices), **desc,
-            "avg_bits_artifact": round(average_bits({k: got[plan.op_names[k]] for k in plan.bits}, plan.sizes), 3),
-            "conv_linear_weights_left_fp16": len(plan.op_names) - len(plan.bits),
-            "sensitivity_images": n, "seconds_plan": round(t_plan, 2),
-            "seconds_palettize": round(time.perf_counter() - t - t_plan, 2),
-            "method": "Liu et al. 2021 Sec. 3.4: nuclear-norm sensitivity x measured k-means error per layer, "
-                      "minimised under the budget (multiple-choice knapsack)",
-        }
-        info["calibration"]["images_seen"] = n
-        info["torch_side_weights"] = read_back
-        log(f"quantize: palette-mixed plan: {desc['layers']} weight tensors at {desc['avg_bits']:.2f} average bits "
-            f"(budget {cfg.budget_avg_bits:g}), bits histogram {desc['histogram']}; sensitivity on {n} calibration "
-            f"images ({t_plan:.1f} s)")
-        return out
-
-    return compress
+    t = time.perf_counter()
+    batches, n = _sensitivity_batches(calib, deploy_cfg, cfg, progress)
+    plan = plan_mixed_precision(model, mlmodel, batches, cfg)
+    t_plan = time.perf_counter() - t
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    out = _keep_descriptions(mlmodel, palettize_weights(mlmodel, plan.config), cfg.scheme)
+    # what the artifact holds: every planned layer palettized with its planned LUT size
+    got = palettized_bits(out)
+    want = {plan.op_names[k]: b for k, b in plan.bits.items()}
+    if got != want:
+        bad = sorted(set(got.items()) ^ set(want.items()))[:3]
+        raise UserError(f"palette-mixed: the palettized program does not follow the plan (e.g. {bad})")
+    loaded = copy.deepcopy(reference)
+    read_back = loaded.load_program_weights(mlmodel, out)
+    desc = plan.describe()
+    mixed = {
+        "budget_avg_bits": cfg.budget_avg_bits, "choices": list(cfg.choices), **desc,
+        "avg_bits_artifact": round(average_bits({k: got[plan.op_names[k]] for k in plan.bits}, plan.sizes), 3),
+        "conv_linear_weights_left_fp16": len(plan.op_names) - len(plan.bits),
+        "sensitivity_images": n, "seconds_plan": round(t_plan, 2),
+        "seconds_palettize": round(time.perf_counter() - t - t_plan, 2),
+        "method": "Liu et al. 2021 Sec. 3.4: nuclear-norm sensitivity x measured k-means error per layer, "
+                  "minimised under the budget (multiple-choice knapsack)",
+    }
+    log(f"quantize: palette-mixed plan: {desc['layers']} weight tensors at {desc['avg_bits']:.2f} average bits "
+        f"(budget {cfg.budget_avg_bits:g}), bits histogram {desc['histogram']}; sensitivity on {n} calibration "
+        f"images ({t_plan:.1f} s)")
+    info = {"mixed_precision": mixed, "calibration": {**calibration_info, "images_seen": n},
+            "torch_side_weights": read_back}
+    return CoreMLCompression(out, loaded, info)
 
 
 def _get_attr(gm, target: str):
@@ -441,7 +629,8 @@ def describe_mixed(cfg: CoreMLMixedPaletteConfig) -> str:
 
 def describe_weights(cfg) -> str:
     if isinstance(cfg, CoreMLWeightInt8Config):
-        return (f"coremltools.optimize.coreml.linear_quantize_weights: int8 symmetric {cfg.granularity.replace('_', '-')} "
+        return ("coremltools.optimize.coreml.linear_quantize_weights: int8 symmetric "
+                f"{cfg.granularity.replace('_', '-')} "
                 f"weights (tensors > {cfg.weight_threshold} elements), fp16 activations")
     return (f"coremltools.optimize.coreml.palettize_weights: {cfg.nbits}-bit k-means palette, one LUT per tensor "
             f"(tensors > {cfg.weight_threshold} elements), fp16 activations")

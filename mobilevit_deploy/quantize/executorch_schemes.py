@@ -1,4 +1,5 @@
-"""ExecuTorch schemes, lowered to the XNNPACK delegate by the export stage.
+"""ExecuTorch schemes, lowered to the XNNPACK delegate by the export stage. One declaration each:
+the config (validated dataclass, scheme attributes) and, beside it, its registered handler.
 
 - `int8` (Int8StaticConfig): torchao pt2e `prepare_pt2e` / `convert_pt2e` with ExecuTorch's
   `XNNPACKQuantizer` and `get_symmetric_quantization_config(is_per_channel=True)`, calibrated on
@@ -9,9 +10,52 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import ClassVar
 
 from ..errors import UserError
-from .configs import Int8DynamicConfig, Int8StaticConfig
+from .configs import (
+    QuantConfig,
+    QuantizedModel,
+    check_calibration_method,
+    check_calibration_source,
+    check_keep_float,
+    check_positive_int,
+    register_scheme,
+)
+from .pt2e import W8A8Scheme, calibrated_pt2e, matches
+
+# ----------------------------------------------------------------------------------------- int8
+
+@dataclass(frozen=True)
+class Int8StaticConfig(QuantConfig):
+    """ExecuTorch `int8`: static W8A8 through torchao's pt2e flow with the XNNPACK quantizer.
+
+    Weights int8 symmetric (per output channel by default), activations int8 per tensor from a
+    histogram observer over the calibration images; lowered to the XNNPACK delegate.
+    """
+
+    scheme: ClassVar[str] = "int8"
+    target: ClassVar[str] = "executorch"
+    calibrated: ClassVar[bool] = True
+    verify_min_sqnr_db: ClassVar[float] = 20.0  # .pte vs the converted graph (benchmarks/ptq_*.md)
+
+    per_channel: bool = True
+    keep_float: tuple[str, ...] = ()
+    keep_float_auto: int = 0
+    calib_batch_size: int = 16
+    calibration: str = "minmax"  # minmax | vit
+    calib_data: str | None = None  # None: the shipped sample images
+    calib_size: int | None = None  # None: 256 images of calib_data (all shipped samples)
+
+    def __post_init__(self):
+        if not isinstance(self.per_channel, bool):
+            raise UserError(f"per_channel must be True or False, got {self.per_channel!r}")
+        kf, _ = check_keep_float(self.keep_float, self.keep_float_auto)
+        object.__setattr__(self, "keep_float", kf)
+        check_positive_int("calib_batch_size", self.calib_batch_size)
+        check_calibration_method(self.calibration)
+        check_calibration_source(self)
 
 
 def xnnpack_quantizer_factory(per_channel: bool = True):
@@ -37,17 +81,46 @@ def describe_int8_static(cfg: Int8StaticConfig) -> str:
             "observer), lowered to XNNPACK")
 
 
-def apply_int8_dynamic(model, cfg: Int8DynamicConfig):
-    """A copy of `model` with its nn.Linear layers quantized by torchao `quantize_` (the original is untouched).
+@register_scheme(Int8StaticConfig)
+def _apply_int8_static(model, cfg: Int8StaticConfig, deploy_cfg, calib, progress, log) -> QuantizedModel:
+    scheme = W8A8Scheme(xnnpack_quantizer_factory(cfg.per_channel), describe_int8_static(cfg),
+                        "the converted pt2e q/dq module, run in PyTorch")
+    return calibrated_pt2e(model, cfg, scheme, deploy_cfg, calib, progress, log)
 
-    Returns (module, {"linear_layers": n quantized, "kept_float": [...]}).
+
+# ----------------------------------------------------------------------------------------- int8-dynamic
+
+@dataclass(frozen=True)
+class Int8DynamicConfig(QuantConfig):
+    """ExecuTorch `int8-dynamic`: torchao `quantize_` with `Int8DynamicActivationIntxWeightConfig`.
+
+    nn.Linear weights int8 (per output channel, or per group of `group_size` input channels),
+    activations quantized to int8 at run time (no calibration); convolutions stay fp32.
+    Measured: Int8DynamicActivationInt8WeightConfig does not lower to XNNPACK (aten._int_mm) and
+    Int8WeightOnlyConfig lowers but fails at run time, so neither is offered.
     """
-    import torch
-    from torch import nn
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-    from torchao.quantization.granularity import PerAxis, PerGroup
 
-    from ._pt2e import matches
+    scheme: ClassVar[str] = "int8-dynamic"
+    target: ClassVar[str] = "executorch"
+    verify_min_sqnr_db: ClassVar[float] = 30.0
+
+    granularity: str = "per_channel"  # per_channel | per_group
+    group_size: int = 32
+    keep_float: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.granularity not in ("per_channel", "per_group"):
+            raise UserError(f"granularity must be per_channel or per_group, got {self.granularity!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1 \
+                or self.group_size % 32:
+            raise UserError(f"group_size must be a positive multiple of 32 (XNNPACK), got {self.group_size!r}")
+        kf, _ = check_keep_float(self.keep_float, 0)
+        object.__setattr__(self, "keep_float", kf)
+
+
+def _linear_names(model, cfg: Int8DynamicConfig) -> list[str]:
+    """Every nn.Linear of `model`; the keep-float patterns and the group size checked against them."""
+    from torch import nn
 
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not names:
@@ -61,9 +134,21 @@ def apply_int8_dynamic(model, cfg: Int8DynamicConfig):
         if bad:
             raise UserError(f"group_size {cfg.group_size} does not divide the input width of {', '.join(bad[:4])}"
                             f"{' ...' if len(bad) > 4 else ''}; use per_channel")
-        gran = PerGroup(cfg.group_size)
-    else:
-        gran = PerAxis(0)
+    return names
+
+
+def apply_int8_dynamic(model, cfg: Int8DynamicConfig):
+    """A copy of `model` with its nn.Linear layers quantized by torchao `quantize_` (the original is untouched).
+
+    Returns (module, {"linear_layers": n quantized, "kept_float": [...], "method": ...}).
+    """
+    import torch
+    from torch import nn
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    names = _linear_names(model, cfg)
+    gran = PerGroup(cfg.group_size) if cfg.granularity == "per_group" else PerAxis(0)
     qcfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=gran)
     m = copy.deepcopy(model).eval()
     done = []
@@ -75,8 +160,22 @@ def apply_int8_dynamic(model, cfg: Int8DynamicConfig):
         return ok
 
     quantize_(m, qcfg, filter_fn=want)
-    kept = [n for n in names if n not in done]
-    return m, {"linear_layers": len(done), "kept_float": kept,
+    gran_s = "PerAxis(0)" if cfg.granularity == "per_channel" else f"PerGroup({cfg.group_size})"
+    return m, {"linear_layers": len(done), "kept_float": [n for n in names if n not in done],
                "method": "torchao quantize_ with Int8DynamicActivationIntxWeightConfig(weight_dtype=int8, "
-                         f"weight_granularity={'PerAxis(0)' if cfg.granularity == 'per_channel' else f'PerGroup({cfg.group_size})'}) "
-                         "on nn.Linear; dynamic int8 activations; convolutions fp32; lowered to XNNPACK"}
+                         f"weight_granularity={gran_s}) on nn.Linear; dynamic int8 activations; convolutions fp32; "
+                         "lowered to XNNPACK"}
+
+
+@register_scheme(Int8DynamicConfig)
+def _apply_int8_dynamic(model, cfg: Int8DynamicConfig, deploy_cfg, calib, progress, log) -> QuantizedModel:
+    if calib is not None and not calib.shipped:
+        log("quantize: int8-dynamic needs no calibration; --calib-data is not used")
+    m, extra = apply_int8_dynamic(model, cfg)
+    info = {"scheme": cfg.scheme, "target": cfg.target, "method": extra["method"], "config": cfg.to_dict(),
+            "calibration": None, "keep_float": {"patterns": list(cfg.keep_float), "units": extra["kept_float"]},
+            "linear_layers_quantized": extra["linear_layers"],
+            "torch_side": "the quantize_'d module (torchao), run in PyTorch"}
+    log(f"quantize: int8-dynamic on {extra['linear_layers']} nn.Linear layers"
+        f"{', kept in float: ' + ', '.join(extra['kept_float']) if extra['kept_float'] else ''}")
+    return QuantizedModel(cfg, m, m, info)

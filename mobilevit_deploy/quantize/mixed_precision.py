@@ -23,18 +23,14 @@ Pieces:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 from ..errors import UserError
 
-try:  # numpy is a torch dependency; imported here for plan_mixed_precision's shape products
-    import numpy as np
-except ImportError:  # pragma: no cover
-    np = None
-
 __all__ = [
     "MixedPrecisionConfig",
+    "check_plan_options",
     "allocate_bits",
     "layer_sensitivities",
     "palettization_errors",
@@ -53,7 +49,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class MixedPrecisionConfig:
-    """Budgeted per-layer weight bits for Core ML palettization."""
+    """Budgeted per-layer weight bits for Core ML palettization (the `palette-mixed` scheme's config,
+    `coreml_schemes.CoreMLMixedPaletteConfig`, is this plus its calibration source)."""
 
     budget_avg_bits: float = 6.0
     choices: tuple[int, ...] = (4, 6, 8)
@@ -65,15 +62,20 @@ class MixedPrecisionConfig:
     def __post_init__(self):
         if not self.choices or any((not isinstance(b, int)) or b not in (1, 2, 3, 4, 6, 8) for b in self.choices):
             raise UserError(f"choices must be bit widths from 1, 2, 3, 4, 6, 8 (Core ML LUT sizes), got {self.choices}")
-        lo, hi = min(self.choices), max(self.choices)
+        lo = min(self.choices)
         if not (lo <= self.budget_avg_bits):
             raise UserError(f"--weight-bits-budget {self.budget_avg_bits} is below the smallest choice {lo}")
-        if self.mode not in ("kmeans", "uniform"):
-            raise UserError(f"mode must be 'kmeans' or 'uniform', got {self.mode!r}")
-        if self.error_model not in ("measured", "ideal"):
-            raise UserError(f"error_model must be 'measured' or 'ideal', got {self.error_model!r}")
         if self.sensitivity_images < 1:
             raise UserError("sensitivity_images must be >= 1")
+        check_plan_options(self)
+
+
+def check_plan_options(cfg) -> None:
+    """`mode` and `error_model` of a MixedPrecisionConfig (or a subclass)."""
+    if cfg.mode not in ("kmeans", "uniform"):
+        raise UserError(f"mode must be 'kmeans' or 'uniform', got {cfg.mode!r}")
+    if cfg.error_model not in ("measured", "ideal"):
+        raise UserError(f"error_model must be 'measured' or 'ideal', got {cfg.error_model!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,7 +288,10 @@ def kmeans_palettize(w, nbits: int, iters: int = 25):
 
     x = w.detach().reshape(-1).float()
     k = min(2 ** nbits, x.numel())
-    centers = torch.quantile(x, torch.linspace(0, 1, k)) if x.numel() <= 16_000_000 else x[torch.randperm(x.numel())[:k]]
+    if x.numel() <= 16_000_000:
+        centers = torch.quantile(x, torch.linspace(0, 1, k))
+    else:
+        centers = x[torch.randperm(x.numel())[:k]]
     centers = torch.unique(centers)
     for _ in range(iters):
         mids = (centers[1:] + centers[:-1]) / 2
@@ -303,7 +308,8 @@ def kmeans_palettize(w, nbits: int, iters: int = 25):
     return centers, idx, centers[idx].reshape(w.shape)
 
 
-def palettization_errors(model, choices: Sequence[int] = (4, 6, 8), names: Sequence[str] | None = None) -> dict[str, dict[int, float]]:
+def palettization_errors(model, choices: Sequence[int] = (4, 6, 8),
+                         names: Sequence[str] | None = None) -> dict[str, dict[int, float]]:
     """error[layer][bits] = ||W - P_bits(W)||^2 / ||W||^2 with a per-tensor k-means LUT."""
     layers = weight_layers(model)
     names = list(names) if names is not None else list(layers)
@@ -356,16 +362,19 @@ def coreml_palettization_config(mlmodel, bits: Mapping[str, int], torch_layers: 
 
     ops = coreml_weight_ops(mlmodel)
     if len(ops) != len(torch_layers):
-        raise UserError(f"Core ML program has {len(ops)} conv/linear ops but the torch model {len(torch_layers)} layers")
+        raise UserError(f"Core ML program has {len(ops)} conv/linear ops but the torch model "
+                        f"{len(torch_layers)} layers")
     unknown = set(bits) - {n for n, _ in torch_layers}
     if unknown:
         raise UserError(f"bits for unknown layers: {sorted(unknown)[:3]}")
     cfgs = {}
     for (op_name, _, wshape), (tname, tshape) in zip(ops, torch_layers):
         if tuple(wshape) != tuple(tshape):
-            raise UserError(f"layer order mismatch: Core ML op {op_name} weight {wshape} vs torch {tname} {tuple(tshape)}")
+            raise UserError(f"layer order mismatch: Core ML op {op_name} weight {wshape} vs torch {tname} "
+                            f"{tuple(tshape)}")
         b = bits.get(tname, default_bits)
-        cfgs[op_name] = None if b is None else cto.OpPalettizerConfig(mode=mode, nbits=int(b), weight_threshold=weight_threshold)
+        cfgs[op_name] = None if b is None else cto.OpPalettizerConfig(mode=mode, nbits=int(b),
+                                                                      weight_threshold=weight_threshold)
     return cto.OptimizationConfig(global_config=None, op_name_configs=cfgs)
 
 
@@ -389,7 +398,7 @@ def forward_weight_order(model, example_input) -> list[tuple[str, tuple[int, ...
     return [(n, tuple(layers[n].weight.shape)) for n in order]
 
 
-def coreml_op_weights(mlmodel) -> dict[str, "np.ndarray"]:
+def coreml_op_weights(mlmodel) -> dict:
     """{conv/linear op name: dense float32 weight} of a Core ML program; palettized / quantized
     weights (constexpr ops) are decompressed with coremltools' own value inference."""
     import numpy as np
@@ -399,7 +408,8 @@ def coreml_op_weights(mlmodel) -> dict[str, "np.ndarray"]:
         val = w.val
         if val is None:  # constexpr_* producer: materialise it
             src = w.op
-            val = src.materialized_val_inference() if hasattr(src, "materialized_val_inference") else src.value_inference()
+            infer = getattr(src, "materialized_val_inference", None) or src.value_inference
+            val = infer()
         out[op.name] = np.asarray(val, dtype=np.float32)
     return out
 
@@ -434,6 +444,7 @@ def plan_mixed_precision(model, mlmodel, calib_batches, cfg: MixedPrecisionConfi
     Error: measured k-means LUT error of the *Core ML program's* weights (BN already folded), or
     the ideal 4**-bits model. Then `allocate_bits` and `coreml_palettization_config`.
     """
+    import numpy as np
     import torch
 
     if not isinstance(cfg, MixedPrecisionConfig):

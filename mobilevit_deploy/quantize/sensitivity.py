@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._pt2e import module_path
+from .pt2e import module_path
 
 
 class SwitchableFakeQuant(nn.Module):
@@ -161,7 +161,8 @@ def _eval(sg: SwitchableGraph, xs, refs):
     return sqnr_db(ref, outs), top1_agreement(ref, outs)
 
 
-def analyse(prepared, model, eval_batches, *, scheme: str, curve_max: int = 8, progress: bool = True) -> SensitivityReport:
+def analyse(prepared, model, eval_batches, *, scheme: str, curve_max: int = 8,
+            progress: bool = True) -> SensitivityReport:
     """Per-unit sensitivity on `eval_batches` (list of [B, 3, H, W]) of a calibrated prepared graph.
 
     `prepared` is modified (observers replaced). `model` is the fp32 reference.
@@ -181,8 +182,8 @@ def analyse(prepared, model, eval_batches, *, scheme: str, curve_max: int = 8, p
         s, a = _eval(sg, eval_batches, refs)
         m = mods.get(u)
         w = getattr(m, "weight", None) if m is not None else None
-        res.append(UnitSensitivity(u, s, a, int(w.numel()) if isinstance(w, torch.Tensor) and not list(m.children()) else 0,
-                                   type(m).__name__ if m is not None else "?"))
+        params = int(w.numel()) if isinstance(w, torch.Tensor) and not list(m.children()) else 0
+        res.append(UnitSensitivity(u, s, a, params, type(m).__name__ if m is not None else "?"))
     res.sort(key=lambda r: r.sqnr_db)
     report = SensitivityReport(scheme, images, full_sqnr, full_agree, res)
     ranked = report.ranked()
@@ -200,8 +201,8 @@ def rank_units(model, quantizer_factory, calib, deploy_cfg, *, scheme: str, eval
     calibration images (compared with fp32, no labels needed)."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-    from ._pt2e import capture_dynamic_batch
     from .calibration import calibration_batches, run_calibration
+    from .pt2e import capture_dynamic_batch
 
     gm = gm if gm is not None else capture_dynamic_batch(model, deploy_cfg)
     prepared = prepare_pt2e(gm, quantizer_factory(None))

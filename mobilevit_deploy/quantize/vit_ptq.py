@@ -58,8 +58,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -68,7 +68,7 @@ from ..errors import UserError
 __all__ = [
     "VitPTQConfig",
     "apply_vit_calibration",
-    "SearchedQParamsObserver",
+    "SearchedQParamsObserver",  # noqa: F822  (built on first use: the module's __getattr__)
     "find_quant_layers",
     "QuantLayer",
     "fake_quant",
@@ -260,7 +260,8 @@ def search_step(objective: Callable[[int], float], n: int) -> tuple[int, list[fl
     return best, scores
 
 
-def search_grid(objective: Callable[[int], float], n: int, stride: int = 1, extra: Sequence[int] = ()) -> tuple[int, dict]:
+def search_grid(objective: Callable[[int], float], n: int, stride: int = 1,
+                extra: Sequence[int] = ()) -> tuple[int, dict]:
     """Maximise `objective` over grid indices 0..n-1 (plus `extra` indices, always evaluated):
     stride 1 evaluates every point; stride k evaluates every k-th point (and the last), then every
     point within k-1 of the best one. Returns (best index, {index: score})."""
@@ -317,7 +318,8 @@ def _make_searched_observer_class():
 
         def extra_repr(self):
             s = self.scale
-            return (f"dtype={self.dtype}, qscheme={self.qscheme}, scale={s.tolist() if s.numel() <= 4 else f'[{s.numel()} ch]'}"
+            scale = s.tolist() if s.numel() <= 4 else f"[{s.numel()} ch]"
+            return (f"dtype={self.dtype}, qscheme={self.qscheme}, scale={scale}"
                     f", zero_point={self.zero_point.tolist() if s.numel() <= 4 else '...'}")
 
     SearchedQParamsObserver.__module__ = __name__
@@ -420,7 +422,9 @@ class _QVar:
         return int(self.obs.ch_axis) if _is_per_channel(self.obs.qscheme) else None
 
     def fq(self, x, scale=None, zero_point=None):
-        return fake_quant(x, self.scale if scale is None else scale, self.zero_point if zero_point is None else zero_point,
+        scale = self.scale if scale is None else scale
+        zero_point = self.zero_point if zero_point is None else zero_point
+        return fake_quant(x, scale, zero_point,
                           int(self.obs.quant_min), int(self.obs.quant_max), self.axis)
 
 
@@ -657,7 +661,8 @@ def _materialize_batches(calib_batches, n_images: int) -> list[torch.Tensor]:
         if isinstance(b, (tuple, list)):
             b = b[0]
         if not isinstance(b, torch.Tensor) or b.dim() < 1:
-            raise UserError(f"calibration batches must be tensors [N, C, H, W] (or (tensor, ...) tuples), got {type(b).__name__}")
+            raise UserError("calibration batches must be tensors [N, C, H, W] (or (tensor, ...) tuples), "
+                            f"got {type(b).__name__}")
         if not torch.isfinite(b).all():
             raise UserError("calibration batch contains NaN or Inf")
         take = min(b.shape[0], n_images - n)
@@ -758,6 +763,170 @@ def _search_var(ev: _LayerEval, i: int, v: _QVar, cfg: VitPTQConfig) -> tuple[ob
     return labels[best], scores[best]
 
 
+def _rebatch(gm, calib_batches, n_images: int) -> tuple[list[torch.Tensor], int]:
+    """The first `n_images` calibration images as batches the graph runs: (batches, example batch).
+    An export with a static batch size only runs batches of that size, so they are re-batched to it."""
+    batches = _materialize_batches(calib_batches, n_images)
+    ph = next(iter(gm.graph.find_nodes(op="placeholder")), None)
+    ph_val = ph.meta.get("val") if ph is not None else None
+    ex_batch = ph_val.shape[0] if isinstance(ph_val, torch.Tensor) and ph_val.dim() > 0 else None
+    if not isinstance(ex_batch, int):
+        return batches, 1
+    allx = torch.cat(batches, 0)
+    n_full = allx.shape[0] // ex_batch * ex_batch
+    if n_full == 0:
+        raise UserError(f"the graph was exported with batch size {ex_batch}; give at least {ex_batch} "
+                        "calibration images")
+    return list(allx[:n_full].split(ex_batch)), ex_batch
+
+
+def _capture_chunks(layers: list[QuantLayer], modules: dict, per_image: float, capture_mb: float) -> list[list]:
+    """Consecutive layers grouped so that the activation inputs captured for one group fit in `capture_mb`."""
+    import torch.fx as fx
+
+    chunks, cur, cur_bytes = [], [], 0.0
+    for L in layers:
+        b = sum(_node_bytes(a, per_image) for a in L.node.args
+                if isinstance(a, fx.Node) and not _is_const_node(a, modules))
+        if cur and cur_bytes + b > capture_mb * 2**20:
+            chunks.append(cur)
+            cur, cur_bytes = [], 0.0
+        cur.append(L)
+        cur_bytes += b
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+class _VitSearch:
+    """The search state over one prepared graph: a _QVar per observer instance (shared by its names),
+    the bias corrections found so far, and the per-layer report."""
+
+    def __init__(self, gm, cfg: VitPTQConfig, batches: list, ex_batch: int, progress: bool):
+        self.gm, self.cfg, self.batches, self.progress = gm, cfg, batches, progress
+        self.modules = dict(gm.named_modules(remove_duplicate=False))
+        self.n_img = sum(b.shape[0] for b in batches)
+        self.per_image = self.n_img / max(ex_batch, 1)  # meta shapes are for the example batch
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.sequential = cfg.inputs == "quantized"
+        # observer instance -> names (pt2e shares one instance between edges of a SharedQuantizationSpec)
+        self.names_of: dict[int, list[str]] = {}
+        for name, mod in gm.named_modules(remove_duplicate=False):
+            if _is_observer(mod) and name:
+                self.names_of.setdefault(id(mod), []).append(name)
+        self.qvars: dict[int, _QVar | None] = {}
+        self.base_qparams: dict[int, tuple] = {}  # observer id -> (scale, zp) the quantizer itself would use
+        self.bias_override, self.out_shift = {}, {}
+        self.report, self.corrections = [], []
+
+    def fq_model(self, name, x):
+        """The converted model's q/dq at observer `name`: searched qparams if set, else its own."""
+        obs = self.modules[name]
+        key = id(obs)
+        v = self.qvars.get(key)
+        if v is not None and v.searched:
+            return v.fq(x)
+        if key not in self.base_qparams:
+            try:
+                self.base_qparams[key] = obs.calculate_qparams()
+            except Exception:
+                self.base_qparams[key] = None
+        qp = self.base_qparams[key]
+        return x if qp is None else _observer_fake_quant(obs, x, qp)
+
+    def layer_inputs(self, L: QuantLayer, cap: dict):
+        """(inputs, float reference inputs or None, _QVar per observed input) of layer L; large
+        (high-resolution) layers keep a leading-dim slice of ~max_elements of every activation input."""
+        import torch.fx as fx
+
+        args = [a for a in L.node.args if isinstance(a, fx.Node)]
+        qcap = _capture(self.gm, self.batches, set(args), fq=self.fq_model, bias_override=self.bias_override,
+                        out_shift=self.out_shift) if self.sequential else None
+        values, refs, lqvars = {}, ({} if self.sequential else None), {}
+        for i, a in enumerate(L.node.args):
+            if not isinstance(a, fx.Node):
+                continue
+            const = _is_const_node(a, self.modules)
+            values[i] = cap[a][0] if const else torch.cat(cap[a], 0)
+            if self.sequential:  # this layer's inputs as the model quantized so far computes them
+                refs[i] = values[i]
+                values[i] = qcap[a][0] if const else torch.cat(qcap[a], 0)
+            if i in L.arg_obs:
+                obs = self.modules[L.arg_obs[i].target]
+                if id(obs) not in self.qvars:
+                    names = self.names_of.get(id(obs), [L.arg_obs[i].target])
+                    self.qvars[id(obs)] = _qvar_from_observer(id(obs), names, obs, is_weight=(i == L.weight_arg),
+                                                              value_for_range=values[i])
+                lqvars[i] = self.qvars[id(obs)]
+        act = [i for i, a in enumerate(L.node.args) if isinstance(a, fx.Node) and not _is_const_node(a, self.modules)]
+        big = max([values[i].numel() for i in act] + [_node_bytes(L.node, self.per_image) / 4])
+        if act and big > self.cfg.max_elements:
+            frac = self.cfg.max_elements / big
+            for i in act:
+                keep = max(1, int(math.ceil(values[i].shape[0] * frac)))
+                values[i] = values[i][:keep]
+                if self.sequential:
+                    refs[i] = refs[i][:keep]
+        return values, refs, lqvars
+
+    def search_layer(self, L: QuantLayer, cap: dict) -> dict:
+        """Search the free steps of layer L (weights first, then activations), then its bias correction."""
+        cfg = self.cfg
+        tl = time.perf_counter()
+        values, refs, lqvars = self.layer_inputs(L, cap)
+        ev = _LayerEval(L, values, lqvars, cfg, self.gen, ref_values=refs)
+        base_score = float(ev.objective(ev.current_output()))
+        free = sorted((i for i, v in lqvars.items() if v is not None and not v.searched
+                       and ((v.is_weight and cfg.search_weights) or (not v.is_weight and cfg.search_activations))),
+                      key=lambda i: (not lqvars[i].is_weight, i))
+        for _ in range(cfg.rounds if len(free) > 1 else min(cfg.rounds, 1)):
+            for i in free:
+                lqvars[i].alpha, _ = _search_var(ev, i, lqvars[i], cfg)
+        for i in free:
+            lqvars[i].searched, lqvars[i].owner = True, L.name
+        final_out = ev.current_output()
+        score = float(ev.objective(final_out))
+        entry = {"layer": L.name, "kind": L.kind, "attention_scores": L.attention_scores,
+                 "objective_observer": round(base_score, 6), "objective_vit": round(score, 6),
+                 "searched": {("weight" if lqvars[i].is_weight else f"act{i}"): _alpha_repr(lqvars[i].alpha)
+                              for i in free}}
+        if cfg.bias_correction and L.kind in ("conv", "linear"):
+            entry["bias_shift_rms"] = self.bias_correction(L, final_out, ev.ref)
+        entry["seconds"] = round(time.perf_counter() - tl, 3)
+        return entry
+
+    def bias_correction(self, L: QuantLayer, out: torch.Tensor, ref: torch.Tensor) -> float:
+        """Record E[O^] - E[O] per output channel; later layers see it in their quantized inputs."""
+        cd = _out_channel_dim(L.kind, out)
+        delta = (out - ref).double().mean([d for d in range(out.dim()) if d != cd]).float()
+        self.corrections.append((L, delta))
+        if self.sequential:
+            shape = [1] * out.dim()
+            shape[cd] = -1
+            if L.bias_node is not None:
+                b0 = _get_attr(self.gm, L.bias_node.target).detach()
+                self.bias_override[L.bias_node.target] = b0 - delta.to(b0.dtype)
+            elif len(L.node.args) <= 2 or L.node.args[2] is None:
+                self.out_shift[L.node] = -delta.reshape(shape)
+        return float(delta.pow(2).mean().sqrt())
+
+    def run(self, layers: list[QuantLayer]) -> None:
+        import torch.fx as fx
+
+        it = 0
+        for chunk in _capture_chunks(layers, self.modules, self.per_image, self.cfg.capture_mb):
+            wanted = {a for L in chunk for a in L.node.args if isinstance(a, fx.Node)}
+            cap = _capture(self.gm, self.batches, wanted)
+            for L in chunk:
+                it += 1
+                entry = self.search_layer(L, cap)
+                self.report.append(entry)
+                if self.progress:
+                    print(f"[vit-ptq {it}/{len(layers)}] {L.name} ({L.kind}) {entry['objective_observer']:.5f} -> "
+                          f"{entry['objective_vit']:.5f} {entry['searched']} {entry['seconds']:.2f}s", flush=True)
+            del cap
+
+
 def apply_vit_calibration(prepared_model, calib_batches: Iterable, cfg: VitPTQConfig | None = None,
                           progress: bool = False):
     """Search weight/activation quantization steps of every quantized layer of a pt2e *prepared* and
@@ -777,166 +946,23 @@ def apply_vit_calibration(prepared_model, calib_batches: Iterable, cfg: VitPTQCo
         raise UserError("apply_vit_calibration needs the GraphModule returned by prepare_pt2e")
     t0 = time.perf_counter()
     gm = prepared_model
-    modules = dict(gm.named_modules(remove_duplicate=False))
     layers = find_quant_layers(gm, cfg.layer_kinds)
     if not layers:
         raise UserError("no quantized conv/linear/matmul layers with observers in this graph "
                         "(pass the model returned by prepare_pt2e, before convert_pt2e)")
-    batches = _materialize_batches(calib_batches, cfg.search_images)
-    # an export with a static batch size only runs batches of that size: re-batch to it
-    ph = next(iter(gm.graph.find_nodes(op="placeholder")), None)
-    ph_val = ph.meta.get("val") if ph is not None else None
-    ex_batch = ph_val.shape[0] if isinstance(ph_val, torch.Tensor) and ph_val.dim() > 0 else None
-    if isinstance(ex_batch, int):
-        allx = torch.cat(batches, 0)
-        n_full = allx.shape[0] // ex_batch * ex_batch
-        if n_full == 0:
-            raise UserError(f"the graph was exported with batch size {ex_batch}; give at least {ex_batch} calibration images")
-        batches = list(allx[:n_full].split(ex_batch))
-    else:
-        ex_batch = 1
-    n_img = sum(b.shape[0] for b in batches)
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    # observer instance -> names (pt2e shares one instance between edges of a SharedQuantizationSpec)
-    names_of: dict[int, list[str]] = {}
-    for name, mod in gm.named_modules(remove_duplicate=False):
-        if _is_observer(mod) and name:
-            names_of.setdefault(id(mod), []).append(name)
-    qvars: dict[int, _QVar | None] = {}
-
-    # capture planning: chunks of layers whose activation inputs fit in cfg.capture_mb
-    per_image = n_img / max(ex_batch, 1)  # meta shapes are for the example batch
-    chunks, cur, cur_bytes = [], [], 0.0
-    for L in layers:
-        b = sum(_node_bytes(a, per_image) for a in L.node.args
-                if isinstance(a, fx.Node) and not _is_const_node(a, modules))
-        if cur and cur_bytes + b > cfg.capture_mb * 2**20:
-            chunks.append(cur)
-            cur, cur_bytes = [], 0.0
-        cur.append(L)
-        cur_bytes += b
-    if cur:
-        chunks.append(cur)
-
-    report, corrections = [], []
-    it = 0
-    sequential = cfg.inputs == "quantized"
-    bias_override, out_shift = {}, {}
-    base_qparams: dict[int, tuple] = {}  # observer id -> (scale, zp) the quantizer itself would use
-
-    def _fq_model(name, x):
-        """The converted model's q/dq at observer `name`: searched qparams if set, else its own."""
-        obs = modules[name]
-        key = id(obs)
-        v = qvars.get(key)
-        if v is not None and v.searched:
-            return v.fq(x)
-        if key not in base_qparams:
-            try:
-                base_qparams[key] = obs.calculate_qparams()
-            except Exception:
-                base_qparams[key] = None
-        qp = base_qparams[key]
-        return x if qp is None else _observer_fake_quant(obs, x, qp)
-
-    for chunk in chunks:
-        wanted = set()
-        for L in chunk:
-            wanted.update(a for a in L.node.args if isinstance(a, fx.Node))
-        cap = _capture(gm, batches, wanted)
-        for L in chunk:
-            it += 1
-            tl = time.perf_counter()
-            values, lqvars = {}, {}
-            qcap = None
-            if sequential:  # this layer's inputs as the model quantized so far computes them
-                qcap = _capture(gm, batches, {a for a in L.node.args if isinstance(a, fx.Node)}, fq=_fq_model,
-                                bias_override=bias_override, out_shift=out_shift)
-            ref_values = {} if sequential else None
-            for i, a in enumerate(L.node.args):
-                if not isinstance(a, fx.Node):
-                    continue
-                vals = cap[a]
-                values[i] = vals[0] if _is_const_node(a, modules) else torch.cat(vals, 0)
-                if sequential:
-                    ref_values[i] = values[i]
-                    qv = qcap[a]
-                    values[i] = qv[0] if _is_const_node(a, modules) else torch.cat(qv, 0)
-                if i in L.arg_obs:
-                    obs = modules[L.arg_obs[i].target]
-                    key = id(obs)
-                    if key not in qvars:
-                        qvars[key] = _qvar_from_observer(key, names_of.get(key, [L.arg_obs[i].target]), obs,
-                                                         is_weight=(i == L.weight_arg), value_for_range=values[i])
-                    lqvars[i] = qvars[key]
-            # large (high-resolution) layers: keep a leading-dim slice of ~max_elements (the same
-            # fraction of every activation input, so e.g. both bmm operands keep the same batch rows)
-            act = [i for i, a in enumerate(L.node.args) if isinstance(a, fx.Node) and not _is_const_node(a, modules)]
-            big = max([values[i].numel() for i in act] + [_node_bytes(L.node, per_image) / 4])
-            if act and big > cfg.max_elements:
-                frac = cfg.max_elements / big
-                for i in act:
-                    keep = max(1, int(math.ceil(values[i].shape[0] * frac)))
-                    values[i] = values[i][:keep]
-                    if sequential:
-                        ref_values[i] = ref_values[i][:keep]
-            ev = _LayerEval(L, values, lqvars, cfg, gen, ref_values=ref_values)
-            base_out = ev.current_output()
-            base_score = float(ev.objective(base_out))
-            free = []
-            for i, v in lqvars.items():
-                if v is None or v.searched:
-                    continue
-                if (v.is_weight and cfg.search_weights) or (not v.is_weight and cfg.search_activations):
-                    free.append(i)
-            free.sort(key=lambda i: (not lqvars[i].is_weight, i))  # weights first, then activations
-            score = base_score
-            rounds = cfg.rounds if len(free) > 1 else min(cfg.rounds, 1)
-            for _ in range(rounds):
-                for i in free:
-                    lqvars[i].alpha, score = _search_var(ev, i, lqvars[i], cfg)
-            for i in free:
-                lqvars[i].searched = True
-                lqvars[i].owner = L.name
-            final_out = ev.current_output()
-            score = float(ev.objective(final_out))
-            entry = {"layer": L.name, "kind": L.kind, "attention_scores": L.attention_scores,
-                     "objective_observer": round(base_score, 6), "objective_vit": round(score, 6),
-                     "searched": {("weight" if lqvars[i].is_weight else f"act{i}"): _alpha_repr(lqvars[i].alpha)
-                                  for i in free}}
-            if cfg.bias_correction and L.kind in ("conv", "linear"):
-                cd = _out_channel_dim(L.kind, final_out)
-                dims = [d for d in range(final_out.dim()) if d != cd]
-                delta = (final_out - ev.ref).double().mean(dims).float()
-                corrections.append((L, delta))
-                if sequential:  # later layers see the corrected bias in their quantized inputs
-                    shape = [1] * final_out.dim()
-                    shape[cd] = -1
-                    if L.bias_node is not None:
-                        b0 = _get_attr(gm, L.bias_node.target).detach()
-                        bias_override[L.bias_node.target] = b0 - delta.to(b0.dtype)
-                    elif len(L.node.args) <= 2 or L.node.args[2] is None:
-                        out_shift[L.node] = -delta.reshape(shape)
-                entry["bias_shift_rms"] = float(delta.pow(2).mean().sqrt())
-            entry["seconds"] = round(time.perf_counter() - tl, 3)
-            report.append(entry)
-            if progress:
-                print(f"[vit-ptq {it}/{len(layers)}] {L.name} ({L.kind}) {base_score:.5f} -> {score:.5f} "
-                      f"{entry['searched']} {entry['seconds']:.2f}s", flush=True)
-        del cap
-
+    batches, ex_batch = _rebatch(gm, calib_batches, cfg.search_images)
+    search = _VitSearch(gm, cfg, batches, ex_batch, progress)
+    search.run(layers)
     # bias correction (after every search, so each layer saw the original fp activations)
-    for L, delta in corrections:
+    for L, delta in search.corrections:
         _correct_bias(gm, L, delta)
-
     # write the searched qparams into the graph
-    n_obs = _install_searched_observers(gm, [v for v in qvars.values() if v is not None and v.searched])
+    n_obs = _install_searched_observers(gm, [v for v in search.qvars.values() if v is not None and v.searched])
     gm.recompile()
     meta = getattr(gm, "meta", None)
     summary = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-               "layers": report, "n_layers": len(report), "n_observers_replaced": n_obs,
-               "n_bias_corrected": len(corrections), "search_images": n_img,
+               "layers": search.report, "n_layers": len(search.report), "n_observers_replaced": n_obs,
+               "n_bias_corrected": len(search.corrections), "search_images": search.n_img,
                "seconds": round(time.perf_counter() - t0, 2)}
     if isinstance(meta, dict):
         meta["vit_ptq"] = summary

@@ -104,6 +104,20 @@ class DistillConfig:
 
 
 @dataclass
+class MultisizeConfig:
+    """SuperViT-style multi-size training ("Super Vision Transformer", Lin et al. 2022/23): in every step the
+    batch drawn at its sampled size S is also fed at each smaller size in `sizes` (the same augmented
+    images, resized with antialiasing); the size-S output is supervised by the labels and every smaller
+    size by in-place distillation from the size-S output (detached), so one set of weights serves every size.
+    """
+    enabled: bool = False
+    sizes: list = field(default_factory=list)  # the smaller sizes, e.g. [48]; each < every train size
+    kd_weight: float = 1.0  # weight of each smaller size's T^2 * KL(softmax(largest / T) || softmax(small / T))
+    kd_temperature: float = 1.0
+    eval_sizes: list = field(default_factory=list)  # also validate the final weights at these sizes (model.json)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -111,6 +125,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    multisize: MultisizeConfig = field(default_factory=MultisizeConfig)
     label_smoothing: float = 0.0
     seed: int = 0
     amp: str = "auto"  # auto | bf16 | fp32 (bf16 autocast on CPU or GPU)
@@ -279,6 +294,19 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if not 0 < cfg.ema.decay < 1:
         raise UserError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
+    ms = cfg.multisize
+    if ms.enabled:
+        if not ms.sizes:
+            raise UserError("multisize.enabled needs multisize.sizes: the smaller input sizes, e.g. [48]")
+        for s in ms.sizes:
+            if not isinstance(s, int) or s <= 0 or s % d.size_divisor or s >= min(d.train_sizes):
+                raise UserError(f"multisize.sizes: {s!r} must be a positive multiple of {d.size_divisor} below the "
+                                f"smallest train size {min(d.train_sizes)}")
+        if ms.kd_weight < 0 or ms.kd_temperature <= 0:
+            raise UserError("multisize.kd_weight must be >= 0 and multisize.kd_temperature > 0")
+    for s in ms.eval_sizes:
+        if not isinstance(s, int) or s <= 0:
+            raise UserError(f"multisize.eval_sizes: {s!r} is not a positive integer")
     kd = cfg.distill
     if kd.teacher is None and (kd.kd_weight or kd.manifold_weight):
         raise UserError("distill.kd_weight / manifold_weight need distill.teacher")

@@ -221,23 +221,59 @@ def _write_metrics(out: Path, metrics: list[dict]) -> None:
 
 
 # -------------------------------------------------------------------------------------------- train
+@dataclass
+class _Run:
+    """Everything one training run holds, built once by `_setup` and advanced one epoch at a time."""
+    cfg: TrainConfig
+    info: object  # distributed.DistInfo
+    out_dir: Path
+    root: Path
+    classes: list
+    dcfg: object  # DeployCfg
+    device: object
+    mf: object  # torch memory format
+    use_bf16: bool
+    model: object
+    net: object  # the module called for the labelled forward (feature wrapper / DDP around `model`)
+    teacher: object
+    crit: object
+    opt: object
+    ema: object
+    sampler: object
+    loader: object
+    val_loader: object
+    train_ds: object
+    val_ds: object
+    val_s: list
+    warmup_epochs: float
+    log: object
+    show: bool
+    start_epoch: int = 0
+    global_step: int = 0
+    metrics: list = field(default_factory=list)
+    skipped: set = field(default_factory=set)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoint"
+
+    @property
+    def eval_model(self):
+        return self.ema.module if (self.ema is not None and self.cfg.ema.evaluate) else self.model
+
+
 def train(cfg: TrainConfig, *, data: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
           resume: bool = False, recipe_path: str | None = None) -> TrainResult:
-    """Train `cfg.model.name` on the ImageFolder root `data` (or cfg.data.root) into `out`."""
-    import torch
-    import yaml
-    from tqdm import tqdm
+    """Train `cfg.model.name` on the ImageFolder root `data` (or cfg.data.root) into `out`.
 
-    from ..checkpoint import atomic_write, file_sha256, save_safetensors
-    from ..data import eval_transform
-    from ..models import create_model, get_deploy_cfg
+    Steps: `_setup` (data, model, teacher, optimiser, EMA, sampler) -> `_restore` (with --resume) ->
+    per epoch `_train_epoch` -> `_validate` -> `_save_epoch` -> at the end `_finish` (weights + model.json).
+    """
+    import torch
+
+    from ..models import get_deploy_cfg
     from . import distributed as dist_
-    from .checkpointing import STATE, load_checkpoint_state, rng_state, save_checkpoint, set_rng_state
-    from .dataset import EvalDataset, TrainDataset, skipped_between
-    from .ema import ModelEma
-    from .losses import TrainLoss
-    from .sampler import MultiScaleBatchSampler
-    from .transforms import TrainTransform
+    from .checkpointing import STATE
 
     root = data if data is not None else cfg.data.root
     if root is None:
@@ -253,199 +289,304 @@ def train(cfg: TrainConfig, *, data: str | os.PathLike | None = None, out: str |
             torch.set_num_threads(cfg.threads)
         elif info.distributed and info.device == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))))
-        main = info.is_main
-        show = cfg.progress and main  # progress bars
-        log = tqdm.write if main else (lambda *_a, **_k: None)
-        ckpt_dir = out_dir / "checkpoint"
-        if not resume and (ckpt_dir / STATE).exists():
+        if not resume and (out_dir / "checkpoint" / STATE).exists():
             raise UserError(f"{out_dir} already holds a checkpoint: pass --resume to continue it, or choose another --out")
-
-        train_s, val_s, classes = check_splits(Path(root), cfg)
-        dcfg = build_deploy_cfg(cfg, classes)
-        use_bf16 = resolve_amp(cfg.amp, info.device)
-        device = torch.device(info.device)
-
-        torch.manual_seed(cfg.seed)
-        model = create_model(cfg.model.name, deploy_cfg=dcfg, checkpoint=cfg.model.init_checkpoint, **cfg.model.kwargs)
-        model.to(device).train()
-        mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        model.to(memory_format=mf)
-        teacher = None
-        crit = TrainLoss(cfg.label_smoothing, cfg.distill.ce_weight, cfg.distill.kd_weight, cfg.distill.kd_temperature,
-                         cfg.distill.manifold_weight, cfg.distill.manifold_patch, cfg.distill.manifold_sample,
-                         cfg.distill.manifold_rand, cfg.distill.manifold_k)
-        if cfg.distill.teacher:
-            teacher = create_model(cfg.distill.teacher, num_classes=len(classes), labels=classes,
-                                   checkpoint=cfg.distill.teacher_checkpoint, **cfg.distill.teacher_kwargs).to(device).eval()
-            teacher.to(memory_format=mf)
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-        net = _WithFeatures.wrap(model) if crit.needs_features else model
-        if info.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            net = DDP(net, device_ids=[info.local_rank] if device.type == "cuda" else None)
-
-        o = cfg.optim
-        groups = param_groups(model, o.weight_decay, o.no_weight_decay_norm_bias)
-        if o.name == "adamw":
-            opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        else:
-            opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
-        ema = ModelEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
-
-        d = cfg.data
-        tt = TrainTransform(dcfg.mean, dcfg.std, d.crop_scale, d.crop_ratio, d.hflip, d.train_interpolation)
-        train_ds = TrainDataset(train_s, tt, seed=cfg.seed, cache=d.cache, progress=show)
-        val_ds = EvalDataset(val_s[info.rank::info.world_size], eval_transform(dcfg), cache=d.cache, progress=show)
-        sampler = MultiScaleBatchSampler(len(train_ds), d.train_sizes, d.batch_size, d.base_size,
-                                         variable_batch=d.variable_batch, min_batch_size=d.min_batch_size,
-                                         seed=cfg.seed, world_size=info.world_size, rank=info.rank)
-        loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=d.num_workers,
-                                             persistent_workers=False)
-        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=d.val_batch_size, shuffle=False, num_workers=d.num_workers)
-        s0 = len(sampler.schedule(0))
-        warmup_epochs = (cfg.schedule.warmup_iters / s0) if cfg.schedule.warmup_iters else cfg.schedule.warmup_epochs
-
-        start_epoch, global_step, metrics = 0, 0, []
-        if resume and (ckpt_dir / STATE).exists():
-            state, msd, esd = load_checkpoint_state(ckpt_dir)
-            if state["config"]["model"]["name"] != cfg.model.name:
-                raise UserError(f"cannot resume: checkpoint is {state['config']['model']['name']}, recipe says {cfg.model.name}")
-            model.load_state_dict(msd)
-            opt.load_state_dict(state["optimizer"])
-            if ema is not None:
-                if esd is None:
-                    raise UserError("cannot resume: the recipe enables EMA but the checkpoint has none")
-                ema.module.load_state_dict(esd)
-                ema.load_state_dict(state["ema"])
-            sampler.load_state_dict(state["sampler"])
-            start_epoch, global_step, metrics = state["epoch"] + 1, state["global_step"], list(state["metrics"])
-            rngs = state["rng"]
-            set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
-            if main:
-                log(f"resumed {out_dir} after epoch {start_epoch} (step {global_step})")
-        elif resume:
-            log(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
-
-        if main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(out_dir / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
-        if main:
-            n_par = sum(p.numel() for p in model.parameters())
-            log(f"{cfg.model.name}: {n_par / 1e6:.2f} M params, {len(classes)} classes, {len(train_s)} train / "
-                       f"{len(val_s)} val images, sizes {sampler.sizes} (global batch {d.batch_size} at {sampler.base_size} px"
-                       f"{', variable' if d.variable_batch else ''}), {'bf16 autocast' if use_bf16 else 'fp32'}, "
-                       f"{info.world_size} process(es) ({info.backend or 'single'}), {torch.get_num_threads()} threads")
-
-        skipped: set[int] = set(train_ds.bad)
-        epochs_here = 0
-        E = cfg.schedule.epochs
-        for epoch in range(start_epoch, E):
-            sampler.set_epoch(epoch)
-            steps = len(sampler)
-            net.train()
-            t0 = time.perf_counter()
-            loss_sum = correct = seen = 0.0
-            parts_sum: dict[str, float] = {}
-            lr = opt.param_groups[0]["lr"]
-            bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{E}", disable=not show, leave=False, unit="it")
-            for i, (x, y, used) in enumerate(bar):
-                lr = lr_at(cfg, epoch + i / steps, global_step, warmup_epochs)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                x, y = x.to(device, non_blocking=True, memory_format=mf), y.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    out_ = net(x)
-                    logits, feats = out_ if crit.needs_features else (out_, None)
-                    t_logits = t_feats = None
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_feats = teacher.forward_features(x)
-                            t_logits = teacher.forward_head(t_feats)
-                lo = crit(logits, y, feats, t_logits, t_feats)
-                opt.zero_grad(set_to_none=True)
-                lo.total.backward()
-                if o.clip_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad_norm)
-                opt.step()
-                if ema is not None:
-                    ema.update(model)
-                global_step += 1
-                n = len(y)
-                loss_sum += lo.total.item() * n
-                correct += (logits.detach().argmax(1) == y).sum().item()
-                seen += n
-                for k, v in lo.parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v.item() * n
-                req = _requested(sampler, epoch, i)
-                if used.tolist() != req:
-                    skipped |= skipped_between(req, used.tolist(), len(train_ds))
-                if show:
-                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{lr:.2e}", px=x.shape[-1], bs=n * info.world_size)
-            bar.close()
-            train_time = time.perf_counter() - t0
-            keys = sorted(parts_sum)
-            red = dist_.all_reduce_sum([loss_sum, correct, seen] + [parts_sum[k] for k in keys], info)
-            loss_sum, correct, seen, parts = red[0], red[1], red[2], dict(zip(keys, red[3:]))
-            skipped = set().union(*dist_.all_gather_object(sorted(skipped), info))
-            if skipped:
-                log(f"warning: {len(skipped)} undecodable train image(s) skipped so far")
-
-            row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen,
-                   **{f"train_{k}": v / seen for k, v in parts.items() if k != "ce" or len(parts) > 1},
-                   "images": int(seen), "steps": steps, "epoch_time_s": round(train_time, 2),
-                   "img_per_s": round(seen / train_time, 1), "skipped_images": len(skipped)}
-            last = epoch + 1 == E
-            if (epoch + 1) % cfg.eval_every == 0 or last:
-                t1 = time.perf_counter()
-                evm = ema.module if (ema is not None and cfg.ema.evaluate) else model
-                st = evaluate_loader(evm, val_loader, progress=show, desc="val")
-                c, tot, ls = dist_.all_reduce_sum([st.correct, st.total, st.loss], info)
-                row["val_top1"], row["val_loss"] = 100 * c / tot, ls / tot
-                if evm is not model and last:
-                    st = evaluate_loader(model, val_loader, progress=show, desc="val (raw)")
-                    c2, tot2, _ = dist_.all_reduce_sum([st.correct, st.total, st.loss], info)
-                    row["val_top1_raw"] = 100 * c2 / tot2
-                row["val_time_s"] = round(time.perf_counter() - t1, 2)
-                if val_ds.bad:
-                    row["skipped_val_images"] = len(val_ds.bad)
-            metrics.append(row)
-            rngs = dist_.all_gather_object(rng_state(), info)
-            if main:
-                state = {"global_step": global_step, "optimizer": opt.state_dict(),
-                         "scheduler": {"global_step": global_step, "warmup_epochs": warmup_epochs, "lr": lr},
-                         "ema": ema.state_dict() if ema is not None else None, "sampler": sampler.state_dict(),
-                         "rng": rngs, "metrics": metrics, "config": cfg.to_dict()}
-                save_checkpoint(ckpt_dir, epoch, model.state_dict(), ema.module.state_dict() if ema is not None else None, state)
-                _write_metrics(out_dir, metrics)
-                if main:
-                    v = f"val top-1 {row['val_top1']:.2f}%" if "val_top1" in row else "no val"
-                    if "val_top1_raw" in row:
-                        v += f" (EMA; raw {row['val_top1_raw']:.2f}%)"
-                    log(f"epoch {epoch + 1}/{E}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2f}% | {v} | "
-                               f"lr {lr:.2e} | {train_time:.1f} s, {row['img_per_s']:.0f} img/s")
-            dist_.barrier(info)
+        run = _setup(cfg, info, Path(root), out_dir)
+        if resume:
+            _restore(run)
+        _start_message(run, recipe_path)
+        E, epochs_here = cfg.schedule.epochs, 0
+        for epoch in range(run.start_epoch, E):
+            row = _train_epoch(run, epoch)
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == E:
+                _validate(run, row, last=epoch + 1 == E)
+            run.metrics.append(row)
+            _save_epoch(run, epoch, row)
             epochs_here += 1
             if cfg.stop_after and epochs_here >= cfg.stop_after and epoch + 1 < E:
-                return TrainResult(out_dir, epoch + 1, False, metrics)
-
-        result = TrainResult(out_dir, E, True, metrics, val_top1=metrics[-1].get("val_top1") if metrics else None)
-        if main:
-            final = ema.module if (ema is not None and cfg.ema.evaluate) else model
-            w = save_safetensors(final.state_dict(), out_dir / "model.safetensors")
-            meta = {"model": cfg.model.name, "recipe": Path(recipe_path).name if recipe_path else cfg.name,
-                    "data": str(root), "epochs": E, "val_top1": result.val_top1,
-                    "val_top1_note": "measured during training on the val split with data.eval_transform(deploy_cfg), fp32",
-                    "weights": "ema" if final is not model else "raw", "sha256": file_sha256(w),
-                    "deploy_cfg": dcfg.to_dict()}
-            atomic_write(out_dir / "model.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
-            plot_curves(metrics, out_dir / "curves.png", f"{cfg.model.name} {cfg.name}".strip())
-            result.weights = w
-        dist_.barrier(info)
-        return result
+                return TrainResult(out_dir, epoch + 1, False, run.metrics)
+        return _finish(run, recipe_path)
     finally:
         dist_.cleanup(info)
+
+
+def _setup(cfg: TrainConfig, info, root: Path, out_dir: Path) -> _Run:
+    """Data, model (+ teacher), loss, optimiser, EMA, sampler and loaders of a run."""
+    import torch
+    from tqdm import tqdm
+
+    from ..data import eval_transform
+    from ..models import create_model
+    from .dataset import EvalDataset, TrainDataset
+    from .ema import ModelEma
+    from .losses import TrainLoss
+    from .sampler import MultiScaleBatchSampler
+    from .transforms import TrainTransform
+
+    main = info.is_main
+    train_s, val_s, classes = check_splits(root, cfg)
+    dcfg = build_deploy_cfg(cfg, classes)
+    device = torch.device(info.device)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model.name, deploy_cfg=dcfg, checkpoint=cfg.model.init_checkpoint, **cfg.model.kwargs)
+    model.to(device).train()
+    mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(memory_format=mf)
+    k = cfg.distill
+    crit = TrainLoss(cfg.label_smoothing, k.ce_weight, k.kd_weight, k.kd_temperature, k.manifold_weight,
+                     k.manifold_patch, k.manifold_sample, k.manifold_rand, k.manifold_k)
+    teacher = None
+    if k.teacher:
+        teacher = create_model(k.teacher, num_classes=len(classes), labels=classes, checkpoint=k.teacher_checkpoint,
+                               **k.teacher_kwargs).to(device).eval()
+        teacher.to(memory_format=mf)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    net = _WithFeatures.wrap(model) if crit.needs_features else model
+    if info.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(net, device_ids=[info.local_rank] if device.type == "cuda" else None)
+    opt = _optimizer(cfg, model)
+    ema = ModelEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
+
+    d, show = cfg.data, cfg.progress and main
+    tt = TrainTransform(dcfg.mean, dcfg.std, d.crop_scale, d.crop_ratio, d.hflip, d.train_interpolation)
+    train_ds = TrainDataset(train_s, tt, seed=cfg.seed, cache=d.cache, progress=show)
+    val_ds = EvalDataset(val_s[info.rank::info.world_size], eval_transform(dcfg), cache=d.cache, progress=show)
+    sampler = MultiScaleBatchSampler(len(train_ds), d.train_sizes, d.batch_size, d.base_size,
+                                     variable_batch=d.variable_batch, min_batch_size=d.min_batch_size,
+                                     seed=cfg.seed, world_size=info.world_size, rank=info.rank)
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=d.num_workers,
+                                         persistent_workers=False)
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=d.val_batch_size, shuffle=False, num_workers=d.num_workers)
+    s0 = len(sampler.schedule(0))
+    warmup_epochs = (cfg.schedule.warmup_iters / s0) if cfg.schedule.warmup_iters else cfg.schedule.warmup_epochs
+    return _Run(cfg, info, out_dir, root, classes, dcfg, device, mf, resolve_amp(cfg.amp, info.device), model, net,
+                teacher, crit, opt, ema, sampler, loader, val_loader, train_ds, val_ds, val_s, warmup_epochs,
+                log=tqdm.write if main else (lambda *_a, **_k: None), show=show, skipped=set(train_ds.bad))
+
+
+def _optimizer(cfg: TrainConfig, model):
+    import torch
+
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay, o.no_weight_decay_norm_bias)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
+
+
+def _restore(run: _Run) -> None:
+    """Continue from the last complete epoch in `out/checkpoint` (model, optimiser, EMA, sampler, RNG)."""
+    from .checkpointing import STATE, load_checkpoint_state, set_rng_state
+
+    cfg, info = run.cfg, run.info
+    if not (run.ckpt_dir / STATE).exists():
+        run.log(f"--resume: no checkpoint in {run.ckpt_dir}, starting from scratch")
+        return
+    state, msd, esd = load_checkpoint_state(run.ckpt_dir)
+    if state["config"]["model"]["name"] != cfg.model.name:
+        raise UserError(f"cannot resume: checkpoint is {state['config']['model']['name']}, recipe says {cfg.model.name}")
+    run.model.load_state_dict(msd)
+    run.opt.load_state_dict(state["optimizer"])
+    if run.ema is not None:
+        if esd is None:
+            raise UserError("cannot resume: the recipe enables EMA but the checkpoint has none")
+        run.ema.module.load_state_dict(esd)
+        run.ema.load_state_dict(state["ema"])
+    run.sampler.load_state_dict(state["sampler"])
+    run.start_epoch, run.global_step, run.metrics = state["epoch"] + 1, state["global_step"], list(state["metrics"])
+    rngs = state["rng"]
+    set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+    if info.is_main:
+        run.log(f"resumed {run.out_dir} after epoch {run.start_epoch} (step {run.global_step})")
+
+
+def _start_message(run: _Run, recipe_path) -> None:
+    import torch
+    import yaml
+
+    from ..checkpoint import atomic_write
+
+    if not run.info.is_main:
+        return
+    cfg, d, ms, info = run.cfg, run.cfg.data, run.cfg.multisize, run.info
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run.out_dir / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+    n_par = sum(p.numel() for p in run.model.parameters())
+    run.log(f"{cfg.model.name}: {n_par / 1e6:.2f} M params, {len(run.classes)} classes, {len(run.train_ds)} train / "
+            f"{len(run.val_s)} val images, sizes {run.sampler.sizes} (global batch {d.batch_size} at "
+            f"{run.sampler.base_size} px{', variable' if d.variable_batch else ''})"
+            f"{f', multi-size KD at {ms.sizes}' if ms.enabled else ''}, {'bf16 autocast' if run.use_bf16 else 'fp32'}, "
+            f"{info.world_size} process(es) ({info.backend or 'single'}), {torch.get_num_threads()} threads")
+
+
+def _step_loss(run: _Run, x, y):
+    """Forward pass(es) of one step: (LossOutput, logits of the labelled size)."""
+    import torch
+
+    from .losses import multisize_kd
+
+    ms = run.cfg.multisize
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
+        out_ = run.net(x)
+        logits, feats = out_ if run.crit.needs_features else (out_, None)
+        t_logits = t_feats = None
+        if run.teacher is not None:
+            with torch.no_grad():
+                t_feats = run.teacher.forward_features(x)
+                t_logits = run.teacher.forward_head(t_feats)
+        ms_terms = multisize_kd(run.model, x, logits, ms.sizes, ms.kd_temperature) if ms.enabled else {}  # SuperViT
+    lo = run.crit(logits, y, feats, t_logits, t_feats)
+    for k, v in ms_terms.items():
+        lo.total = lo.total + ms.kd_weight * v
+        lo.parts[k] = v.detach()
+    return lo, logits
+
+
+def _train_epoch(run: _Run, epoch: int) -> dict:
+    """One epoch of optimisation; returns the epoch's metrics row (losses summed over DDP processes)."""
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    from . import distributed as dist_
+    from .dataset import skipped_between
+
+    cfg, info, o = run.cfg, run.info, run.cfg.optim
+    run.sampler.set_epoch(epoch)
+    steps, E = len(run.sampler), cfg.schedule.epochs
+    run.net.train()
+    t0 = time.perf_counter()
+    loss_sum = correct = seen = 0.0
+    parts_sum: dict[str, float] = {}
+    lr = run.opt.param_groups[0]["lr"]
+    bar = tqdm(run.loader, total=steps, desc=f"epoch {epoch + 1}/{E}", disable=not run.show, leave=False, unit="it")
+    for i, (x, y, used) in enumerate(bar):
+        lr = lr_at(cfg, epoch + i / steps, run.global_step, run.warmup_epochs)
+        for g in run.opt.param_groups:
+            g["lr"] = lr
+        x, y = x.to(run.device, non_blocking=True, memory_format=run.mf), y.to(run.device, non_blocking=True)
+        lo, logits = _step_loss(run, x, y)
+        run.opt.zero_grad(set_to_none=True)
+        lo.total.backward()
+        if o.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), o.clip_grad_norm)
+        run.opt.step()
+        if run.ema is not None:
+            run.ema.update(run.model)
+        run.global_step += 1
+        n = len(y)
+        loss_sum += lo.total.item() * n
+        correct += (logits.detach().argmax(1) == y).sum().item()
+        seen += n
+        for k, v in lo.parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v.item() * n
+        req = _requested(run.sampler, epoch, i)
+        if used.tolist() != req:
+            run.skipped |= skipped_between(req, used.tolist(), len(run.train_ds))
+        if run.show:
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{lr:.2e}", px=x.shape[-1], bs=n * info.world_size)
+    bar.close()
+    train_time = time.perf_counter() - t0
+    keys = sorted(parts_sum)
+    red = dist_.all_reduce_sum([loss_sum, correct, seen] + [parts_sum[k] for k in keys], info)
+    loss_sum, correct, seen, parts = red[0], red[1], red[2], dict(zip(keys, red[3:]))
+    run.skipped = set().union(*dist_.all_gather_object(sorted(run.skipped), info))
+    if run.skipped:
+        run.log(f"warning: {len(run.skipped)} undecodable train image(s) skipped so far")
+    return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen,
+            **{f"train_{k}": v / seen for k, v in parts.items() if k != "ce" or len(parts) > 1},
+            "images": int(seen), "steps": steps, "epoch_time_s": round(train_time, 2),
+            "img_per_s": round(seen / train_time, 1), "skipped_images": len(run.skipped)}
+
+
+def _validate(run: _Run, row: dict, last: bool) -> None:
+    """Val top-1 / loss of the evaluated weights (EMA by default) into `row`; raw weights too after the last epoch."""
+    import time
+
+    from . import distributed as dist_
+
+    info = run.info
+    t1 = time.perf_counter()
+    evm = run.eval_model
+    st = evaluate_loader(evm, run.val_loader, progress=run.show, desc="val")
+    c, tot, ls = dist_.all_reduce_sum([st.correct, st.total, st.loss], info)
+    row["val_top1"], row["val_loss"] = 100 * c / tot, ls / tot
+    if evm is not run.model and last:
+        st = evaluate_loader(run.model, run.val_loader, progress=run.show, desc="val (raw)")
+        c2, tot2, _ = dist_.all_reduce_sum([st.correct, st.total, st.loss], info)
+        row["val_top1_raw"] = 100 * c2 / tot2
+    row["val_time_s"] = round(time.perf_counter() - t1, 2)
+    if run.val_ds.bad:
+        row["skipped_val_images"] = len(run.val_ds.bad)
+
+
+def _save_epoch(run: _Run, epoch: int, row: dict) -> None:
+    """Checkpoint (weights, then the atomically replaced state), metrics files and the epoch's log line."""
+    from . import distributed as dist_
+    from .checkpointing import rng_state, save_checkpoint
+
+    info, ema, E = run.info, run.ema, run.cfg.schedule.epochs
+    rngs = dist_.all_gather_object(rng_state(), info)
+    if info.is_main:
+        lr = row["lr"]
+        state = {"global_step": run.global_step, "optimizer": run.opt.state_dict(),
+                 "scheduler": {"global_step": run.global_step, "warmup_epochs": run.warmup_epochs, "lr": lr},
+                 "ema": ema.state_dict() if ema is not None else None, "sampler": run.sampler.state_dict(),
+                 "rng": rngs, "metrics": run.metrics, "config": run.cfg.to_dict()}
+        save_checkpoint(run.ckpt_dir, epoch, run.model.state_dict(), ema.module.state_dict() if ema is not None else None,
+                        state)
+        _write_metrics(run.out_dir, run.metrics)
+        v = f"val top-1 {row['val_top1']:.2f}%" if "val_top1" in row else "no val"
+        if "val_top1_raw" in row:
+            v += f" (EMA; raw {row['val_top1_raw']:.2f}%)"
+        run.log(f"epoch {epoch + 1}/{E}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2f}% | {v} | "
+                f"lr {lr:.2e} | {row['epoch_time_s']:.1f} s, {row['img_per_s']:.0f} img/s")
+    dist_.barrier(info)
+
+
+def _finish(run: _Run, recipe_path) -> TrainResult:
+    """Final weights (EMA by default) + model.json (+ top-1 per size with multisize.eval_sizes) + curves."""
+    from ..checkpoint import atomic_write, file_sha256, save_safetensors
+    from . import distributed as dist_
+
+    cfg, E, metrics = run.cfg, run.cfg.schedule.epochs, run.metrics
+    result = TrainResult(run.out_dir, E, True, metrics, val_top1=metrics[-1].get("val_top1") if metrics else None)
+    if run.info.is_main:
+        final = run.eval_model
+        w = save_safetensors(final.state_dict(), run.out_dir / "model.safetensors")
+        meta = {"model": cfg.model.name, "recipe": Path(recipe_path).name if recipe_path else cfg.name,
+                "data": str(run.root), "epochs": E, "val_top1": result.val_top1,
+                "val_top1_note": "measured during training on the val split with data.eval_transform(deploy_cfg), fp32",
+                "weights": "ema" if final is not run.model else "raw", "sha256": file_sha256(w),
+                "deploy_cfg": run.dcfg.to_dict()}
+        ms = cfg.multisize
+        if ms.eval_sizes:
+            meta["val_top1_per_size"] = _top1_per_size(final, run.val_s, run.dcfg, ms.eval_sizes, cfg.data, run.show)
+            run.log("val top-1 per size: " + ", ".join(f"{k} px {v:.2f}%" for k, v in meta["val_top1_per_size"].items()))
+        atomic_write(run.out_dir / "model.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+        plot_curves(metrics, run.out_dir / "curves.png", f"{cfg.model.name} {cfg.name}".strip())
+        result.weights = w
+    dist_.barrier(run.info)
+    return result
+
+
+def _top1_per_size(model, val_samples, dcfg, sizes, d, progress: bool) -> dict:
+    """{"S": top-1 %} of `model` on the val samples resized to S x S (the deploy preprocessing otherwise)."""
+    import torch
+
+    from ..data import eval_transform
+    from .dataset import EvalDataset
+
+    out = {}
+    for s in sizes:
+        ds = EvalDataset(val_samples, eval_transform(replace(dcfg, input_size=(3, s, s))), cache=d.cache)
+        loader = torch.utils.data.DataLoader(ds, batch_size=d.val_batch_size, shuffle=False)
+        out[str(s)] = round(evaluate_loader(model, loader, progress=progress, desc=f"val {s} px").top1, 2)
+    return out
 
 
 def _requested(sampler, epoch: int, i: int) -> list[int]:

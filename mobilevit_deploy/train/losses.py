@@ -113,3 +113,20 @@ def kd_loss(s_logits, t_logits, temperature: float = 1.0):
     T = float(temperature)
     return F.kl_div(F.log_softmax(s_logits / T, dim=-1), F.log_softmax(t_logits / T, dim=-1),
                     reduction="batchmean", log_target=True) * (T * T)
+
+
+def multisize_kd(net, x, logits, sizes, temperature: float = 1.0):
+    """SuperViT in-place distillation: {f"ms{s}": T^2 KL(softmax(logits / T) || softmax(net(x at s) / T))}.
+
+    `x` is the batch at the largest size and `logits` the network's output on it; each smaller-size
+    input is `x` resized (bicubic, antialiased), and the teacher logits are detached, so gradients reach
+    the shared weights through every size but never push the largest size towards the smaller ones.
+    """
+    import torch.nn.functional as F
+
+    teacher = logits.detach().float()
+    out = {}
+    for s in sizes:
+        xs = F.interpolate(x, size=(s, s), mode="bicubic", antialias=True, align_corners=False)  # [B, 3, s, s]
+        out[f"ms{s}"] = kd_loss(net(xs).float(), teacher, temperature)
+    return out

@@ -1,12 +1,13 @@
 """Turn a finished run into the package's shipped default weights.
 
-    python -m mobilevit_deploy.train.ship --run runs/NAME --val ../shared/data/cifar10/val [--tag cifar10]
+    python -m mobilevit_deploy.train.ship --run runs/NAME --val ../shared/data/cifar10/val [--tag cifar10] [--sizes 48 64 96]
 
 Writes `mobilevit_deploy/assets/weights/<model>_<tag>.safetensors` (fp16) and `<same stem>.json` with
 model, recipe, data, epochs, val_top1, sha256, deploy_cfg (the schema read by
 `mobilevit_deploy.pretrained`). `val_top1` is measured here on the fp16-rounded file with
 `mobilevit_deploy.evaluate.evaluate` -- the same code and preprocessing (`data.eval_transform`) as
-`python -m mobilevit_deploy.evaluate --data VAL`.
+`python -m mobilevit_deploy.evaluate --data VAL`; with `--sizes`, `val_top1_per_size` holds the same
+measurement at each input size (`evaluate --size S`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from ..cli import ArgumentParser, run_cli
 from ..errors import UserError
 
 
-def ship(run: str | Path, val: str | Path, tag: str = "cifar10", dest: str | Path | None = None, progress: bool = True) -> dict:
+def ship(run: str | Path, val: str | Path, tag: str = "cifar10", dest: str | Path | None = None, progress: bool = True,
+         sizes=()) -> dict:
     import torch
 
     from ..checkpoint import atomic_write, file_sha256, load_state_dict, save_safetensors
@@ -41,7 +43,30 @@ def ship(run: str | Path, val: str | Path, tag: str = "cifar10", dest: str | Pat
            "val_images": r.total, "val_top1_note": f"python -m mobilevit_deploy.evaluate --data {val} (fp16 weights, eval_transform(deploy_cfg))",
            "train_val_top1_fp32": meta.get("val_top1"), "weights": meta.get("weights"),
            "sha256": file_sha256(w), "deploy_cfg": dcfg.to_dict()}
+    if sizes:
+        out["val_top1_per_size"] = {str(s): round(evaluate(val, checkpoint=w, model=meta["model"], deploy_cfg=dcfg,
+                                                           size=s, progress=progress).top1, 2) for s in sizes}
+        out["val_top1_per_size_note"] = f"python -m mobilevit_deploy.evaluate --data {val} --size S"
+    out.update(_run_summary(run))
     atomic_write(dest / f"{stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1) + "\n"))
+    return out
+
+
+def _run_summary(run: Path) -> dict:
+    """Training time and throughput summed from the run's metrics.json, and its multi-size settings."""
+    import yaml
+
+    out = {}
+    mpath, cpath = run / "metrics.json", run / "config.yaml"
+    if mpath.is_file():
+        rows = json.loads(mpath.read_text())
+        train_s = sum(r.get("epoch_time_s", 0.0) for r in rows)
+        out["train_time_s"] = round(train_s + sum(r.get("val_time_s", 0.0) for r in rows), 1)
+        out["train_img_per_s"] = round(sum(r.get("images", 0) for r in rows) / max(train_s, 1e-9), 1)
+    if cpath.is_file():
+        ms = (yaml.safe_load(cpath.read_text()) or {}).get("multisize") or {}
+        if ms.get("enabled"):
+            out["multisize"] = {k: ms[k] for k in ("sizes", "kd_weight", "kd_temperature") if k in ms}
     return out
 
 
@@ -51,8 +76,9 @@ def main(argv=None) -> int:
     p.add_argument("--val", required=True, help="validation directory of class folders, for the recorded top-1")
     p.add_argument("--tag", default="cifar10")
     p.add_argument("--dest", help="destination folder (default: the package's assets/weights)")
+    p.add_argument("--sizes", type=int, nargs="*", default=[], help="also record top-1 at these input sizes")
     a = p.parse_args(argv)
-    out = ship(a.run, a.val, a.tag, a.dest)
+    out = ship(a.run, a.val, a.tag, a.dest, sizes=a.sizes)
     print(json.dumps({k: v for k, v in out.items() if k != "deploy_cfg"}, indent=1))
     return 0
 

@@ -48,9 +48,42 @@ public struct DeviceReport: Codable, Equatable, Sendable {
     public var roundsMs: [Double]
     public var statsMs: SummaryStats
     public var created: String
+    /// Cascade artifacts only (absent otherwise): exit rates and per-stage latency.
+    public var cascade: Cascade?
+
+    /// The report's optional `cascade` object (docs/contracts.md §2).
+    public struct Cascade: Codable, Equatable, Sendable {
+        /// Per stage: fraction of images it answered (sums to 1).
+        public var exitRates: [Double]
+        /// Per stage: its mean latency, ms.
+        public var stageLatencyMs: [Double]
+        /// Mean model time per image through the cascade, ms.
+        public var meanLatencyMs: Double
+        public var threshold: Double
+        /// `threshold_selection` (exit rates from the manifest, mean latency expected from them) or
+        /// `measured` (both from cascade runs on the device).
+        public var exitRatesSource: String?
+
+        public init(exitRates: [Double], stageLatencyMs: [Double], meanLatencyMs: Double, threshold: Double,
+                    exitRatesSource: String? = nil) {
+            self.exitRates = exitRates
+            self.stageLatencyMs = stageLatencyMs.map { roundTo($0, BenchmarkStats.reportedDigits) }
+            self.meanLatencyMs = roundTo(meanLatencyMs, BenchmarkStats.reportedDigits)
+            self.threshold = threshold
+            self.exitRatesSource = exitRatesSource
+        }
+
+        enum CodingKeys: String, CodingKey {
+            case threshold
+            case exitRates = "exit_rates"
+            case stageLatencyMs = "stage_latency_ms"
+            case meanLatencyMs = "mean_latency_ms"
+            case exitRatesSource = "exit_rates_source"
+        }
+    }
 
     enum CodingKeys: String, CodingKey {
-        case device, model, precision, method, created
+        case device, model, precision, method, created, cascade
         case schemaVersion = "schema_version"
         case computeUnits = "compute_units"
         case inputSize = "input_size"
@@ -61,7 +94,8 @@ public struct DeviceReport: Codable, Equatable, Sendable {
 
     public init(schemaVersion: Int = DeviceReport.schemaVersion, device: Device, computeUnits: ComputeUnits,
                 model: String, precision: String, inputSize: [Int], artifactSha256: String,
-                method: BenchmarkMethod, roundsMs: [Double], statsMs: SummaryStats, created: String) {
+                method: BenchmarkMethod, roundsMs: [Double], statsMs: SummaryStats, created: String,
+                cascade: Cascade? = nil) {
         self.schemaVersion = schemaVersion
         self.device = device
         self.computeUnits = computeUnits
@@ -73,6 +107,7 @@ public struct DeviceReport: Codable, Equatable, Sendable {
         self.roundsMs = roundsMs
         self.statsMs = statsMs
         self.created = created
+        self.cascade = cascade
     }
 
     /// A report tied to one artifact (through its manifest) and one benchmark run.

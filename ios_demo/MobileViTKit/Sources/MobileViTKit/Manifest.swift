@@ -25,6 +25,8 @@ public struct Manifest: Codable, Equatable, Sendable {
     public var opsNotDelegated: [String]?
     public var tools: JSONValue?
     public var created: String?
+    /// Coarse-to-fine cascade artifacts only (absent otherwise): stages, exit rule, threshold choice.
+    public var cascade: CascadeSpec?
 
     public struct Input: Codable, Equatable, Sendable {
         public var name: String
@@ -77,7 +79,7 @@ public struct Manifest: Codable, Equatable, Sendable {
 
     enum CodingKeys: String, CodingKey {
         case model, target, backend, precision, quantization, input, output, labels, checkpoint
-        case artifact, verification, tools, created
+        case artifact, verification, tools, created, cascade
         case schemaVersion = "schema_version"
         case opsNotDelegated = "ops_not_delegated"
     }
@@ -102,6 +104,7 @@ public struct Manifest: Codable, Equatable, Sendable {
         opsNotDelegated = try c.decodeIfPresent([String].self, forKey: .opsNotDelegated)
         tools = try c.decodeIfPresent(JSONValue.self, forKey: .tools)
         created = try c.decodeIfPresent(String.self, forKey: .created)
+        cascade = try c.decodeIfPresent(CascadeSpec.self, forKey: .cascade)
     }
 
     // MARK: - Reading
@@ -174,6 +177,13 @@ public struct Manifest: Codable, Equatable, Sendable {
             throw fail("output.shape \(shape) has \(classes) classes but there are \(labels.count) labels")
         }
         guard !artifact.file.isEmpty else { throw fail("artifact.file is empty") }
+        if let cascade {
+            do {
+                try cascade.validate(inputSize: [inputHeight, inputWidth])
+            } catch {
+                throw fail("cascade: \(error)")
+            }
+        }
     }
 
     // MARK: - Derived facts

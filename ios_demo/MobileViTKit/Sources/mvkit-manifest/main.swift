@@ -64,6 +64,15 @@ if asJSON {
         "crop_pct": .number(pre.cropPct),
         "artifact_sha256": .string(manifest.artifact.sha256),
     ]
+    if let cascade = manifest.cascade {
+        out["cascade"] = .object([
+            "stages": .array(cascade.stages.map { .string($0.name) }),
+            "input_sizes": .array(cascade.stages.map { .array($0.inputSize.map { .number(Double($0)) }) }),
+            "exit_rule": .string(cascade.exitRule.kind),
+            "threshold": .number(cascade.threshold),
+            "exit_rates": cascade.thresholdSelection?.exitRates.map { .array($0.map { .number($0) }) } ?? .null,
+        ])
+    }
     if case let (w, h)? = imageSize {
         let r = pre.cropRect(imageWidth: w, imageHeight: h)
         out["crop_rect"] = .array([r.x, r.y, r.width, r.height].map { .number($0) })
@@ -77,6 +86,7 @@ if asJSON {
     print("preprocessing: crop_pct \(pre.cropPct) \(pre.interpolation), scale \(pre.scale) bias \(pre.bias)")
     print("output: \(manifest.output.name) (\(manifest.output.kind))")
     print("labels: \(manifest.labels.count)")
+    if let cascade = manifest.cascade { print("cascade: \(cascade.summary)") }
     if case let (w, h)? = imageSize {
         print("crop of a \(w)x\(h) image: \(pre.cropRect(imageWidth: w, imageHeight: h))")
     }

@@ -9,6 +9,9 @@
 //           [--warmup 10] [--rounds 20] [--inferences 50] [--trim-low 10] [--trim-high 10]
 //   T.json: [[ms, ...], ...] — `rounds` arrays of `inferences` per-inference timings, warm-up excluded.
 //
+// With --synthetic and a cascade manifest, every stage gets synthetic timings (scaled by its pixel
+// count) and the report carries the `cascade` object; the top level is the last stage's.
+//
 // Exit status: 0 ok, 1 bad input files, 2 usage error.
 import Foundation
 import MobileViTKit
@@ -100,8 +103,20 @@ if synthetic {
 
 let data: Data
 do {
-    let stats = try BenchmarkStats(method: method, timingsMs: timings)
-    data = try DeviceReport(manifest: manifest, device: device, computeUnits: units, stats: stats).encoded()
+    if synthetic, let cascade = manifest.cascade {
+        let seed = UInt64(intOption("--seed", 0))
+        let last = Double(manifest.inputHeight * manifest.inputWidth)
+        let stageStats = try cascade.stages.enumerated().map { i, stage in
+            let base = 5.0 * Double(stage.height * stage.width) / last
+            return try BenchmarkStats(method: method, timingsMs: SyntheticTimings.generate(
+                method: method, seed: seed &+ UInt64(i), baseMs: base))
+        }
+        let bench = try CascadeBenchmark(spec: cascade, stageStats: stageStats)
+        data = try DeviceReport(manifest: manifest, device: device, computeUnits: units, cascade: bench).encoded()
+    } else {
+        let stats = try BenchmarkStats(method: method, timingsMs: timings)
+        data = try DeviceReport(manifest: manifest, device: device, computeUnits: units, stats: stats).encoded()
+    }
 } catch {
     fail("\(error)", status: 1)
 }

@@ -1,0 +1,238 @@
+"""Importance of every unit of every prunable group: `score(model, method, batches) -> {group id: [units]}`.
+
+Methods (higher = more important; the budget removes the lowest score per unit of cost first):
+
+- `taylor` (default): first-order Taylor |w * dL/dw| summed over the weights a unit owns, summed over
+  the calibration batches (cross-entropy on real labelled images, model in eval mode). Molchanov et
+  al. 2019; an estimate of the loss change, so it is compared across kinds as it is.
+- `magnitude`: L1 of the weights a unit owns (data-free), divided by the mean of its group, so every
+  group is on the same scale (L1 of a layer and of a channel are not comparable otherwise).
+- `nvit`: NViT-style (Yang et al. 2023) global Hessian-aware saliency: per batch the group-wise
+  second-order Taylor term (sum over the unit's weights of w * dL/dw)^2 -- the Fisher approximation
+  of the Hessian -- summed over batches, then normalised per structure kind (`global_scores`) so the
+  kinds share one global scale; allocated by cost (MACs, or the measured latency table with
+  --target-latency).
+- `slim`: ViT-Slim-style (Chavan et al. 2022) soft masks, one learnable scalar per attention head, MLP
+  hidden unit, transformer width channel (shared by the whole block, as ViT-Slim's embedding mask),
+  MV2 expansion channel, and a gate per transformer layer; weights frozen, masks trained for
+  `steps` steps on KL(unpruned || masked) + `l1` * sum over mask tensors of mean |m|. Score = |m|.
+- `vtp`: VTP-style (Zhu et al. 2021) gates on feature dimensions with L1, as `slim` but one gate per
+  attention inner dimension (a head scores the mean |gate| of its dimensions) and no depth gates.
+- `wd` (WDPruning) and `spvit` (SPViT) are not implemented yet (UserError).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from .structures import KINDS, Group, coupled_tensors, couplings, groups, layer_modules
+
+METHODS = ("taylor", "magnitude", "slim", "vtp", "nvit", "wd", "spvit")
+IMPLEMENTED = ("taylor", "magnitude", "slim", "vtp", "nvit")
+NEEDS_DATA = ("taylor", "slim", "vtp", "nvit")
+METHOD_KINDS = {"taylor": KINDS, "magnitude": KINDS, "nvit": KINDS, "slim": KINDS,
+                "vtp": ("mv2_hidden", "vit_width", "heads", "mlp_hidden")}
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r} (choose from: {', '.join(METHODS)})")
+    if method not in IMPLEMENTED:
+        raise UserError(f"method {method!r} is not implemented yet (implemented: {', '.join(IMPLEMENTED)})")
+
+
+# --------------------------------------------------------------------------- per-unit reduction
+def unit_sums(model: nn.Module, group: Group, value: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor:
+    """Per unit of `group`: the sum of `value(param)` (same shape as param) over the slices the unit owns."""
+    out = torch.zeros(group.size, dtype=torch.float64)
+    if group.kind == "layers":
+        for i, layer in enumerate(layer_modules(model, group)):
+            for p in layer.parameters():
+                v = value(p)
+                if v is not None:
+                    out[i] += float(v.double().sum())
+        return out
+    for c in couplings(model, group):
+        for t, axis in coupled_tensors(c):
+            v = value(t)
+            if v is None:
+                continue
+            v = v.detach().double()
+            per_index = v.sum(dim=[d for d in range(v.dim()) if d != axis]) if v.dim() > 1 else v
+            out.index_add_(0, c.unit_of, per_index)
+    return out
+
+
+def _grad_scores(model: nn.Module, batches, gs: list[Group], second_order: bool, log) -> dict[str, torch.Tensor]:
+    scores = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in gs}
+    was = model.training
+    model.eval()  # BatchNorm keeps its statistics: the saliency of the deployed function
+    req = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        for x, y in batches:
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            if second_order:
+                def val(p):
+                    return None if p.grad is None else p.detach() * p.grad
+            else:
+                def val(p):
+                    return None if p.grad is None else (p.detach() * p.grad).abs()
+            for g in gs:
+                s = unit_sums(model, g, val)
+                scores[g.id] += s.pow(2) if second_order else s
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, r in req.items():
+            p.requires_grad_(r)
+        model.train(was)
+    return scores
+
+
+def _per_group_normalised(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v / v.mean().clamp_min(1e-30) for k, v in scores.items()}
+
+
+def _kind_means(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    by_kind: dict[str, list[torch.Tensor]] = {}
+    for gid, v in values.items():
+        by_kind.setdefault(gid.split(":")[0], []).append(v.flatten().double())
+    return {k: max(float(torch.cat(vs).mean()), 1e-30) for k, vs in by_kind.items()}
+
+
+def global_scores(method: str, scores: dict[str, torch.Tensor], unit_cost: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Scores on one global scale, for the budget's importance / cost ranking.
+
+    `unit_cost` is what removing one unit of a group saves in the unpruned model (MACs or latency).
+    - taylor: as is (an estimate of the loss change, comparable across kinds).
+    - magnitude, slim, vtp: score x unit cost, so importance / cost ranks by the relative magnitude or
+      the mask value itself -- a global threshold on (normalised) magnitudes / masks as ViT-Slim's
+      global mask ranking -- and a whole layer competes with one channel on equal terms.
+    - nvit: divided by the mean of its structure kind (one global saliency normalised across kinds),
+      times the kind's mean unit cost, so the allocation trades saliency against each unit's own cost.
+    """
+    if method == "taylor":
+        return scores
+    if method in ("magnitude", "slim", "vtp"):
+        return {gid: v * unit_cost[gid] for gid, v in scores.items()}
+    mean_s = _kind_means(scores)
+    mean_c = _kind_means({gid: torch.tensor([unit_cost[gid]]) for gid in scores})
+    return {gid: v / mean_s[gid.split(":")[0]] * mean_c[gid.split(":")[0]] for gid, v in scores.items()}
+
+
+# ------------------------------------------------------------------------------ soft masks / gates
+class _Gates:
+    """Learnable multiplicative masks attached with hooks (removed by `close`)."""
+
+    def __init__(self, model: nn.Module, gs: list[Group], per_dim_heads: bool):
+        self.params: dict[str, nn.Parameter] = {}
+        self.handles = []
+        self.head_dim: dict[str, int] = {}
+        for g in gs:
+            mod = model.get_submodule(g.path)
+            if g.kind == "mv2_hidden":
+                gate = self._new(g.id, g.size)
+                self._pre(mod.conv3_1x1.conv, lambda x, gate=gate: x * gate.view(1, -1, 1, 1))
+            elif g.kind == "mlp_hidden":
+                gate = self._new(g.id, g.size)
+                self._pre(mod.fc2, lambda x, gate=gate: x * gate)
+            elif g.kind == "heads":
+                e = mod.head_dim
+                self.head_dim[g.id] = e
+                if per_dim_heads:
+                    gate = self._new(g.id, g.size * e)
+                    self._pre(mod.proj, lambda x, gate=gate: x * gate)
+                else:
+                    gate = self._new(g.id, g.size)
+                    self._pre(mod.proj, lambda x, gate=gate, e=e: x * gate.repeat_interleave(e))
+            elif g.kind == "vit_width":
+                gate = self._new(g.id, g.size)
+                self._post(mod.conv_1x1, lambda y, gate=gate: y * gate.view(1, -1, 1, 1))
+                for layer in mod.transformer:
+                    self._post(layer.attn.proj, lambda y, gate=gate: y * gate)
+                    self._post(layer.mlp.fc2, lambda y, gate=gate: y * gate)
+                self._post(mod.norm, lambda y, gate=gate: y * gate)
+            elif g.kind == "layers":
+                gate = self._new(g.id, g.size)
+                for i, layer in enumerate(mod.transformer):
+                    self._post(layer.attn, lambda y, gate=gate, i=i: y * gate[i])
+                    self._post(layer.mlp, lambda y, gate=gate, i=i: y * gate[i])
+
+    def _new(self, gid: str, n: int) -> nn.Parameter:
+        p = nn.Parameter(torch.ones(n))
+        self.params[gid] = p
+        return p
+
+    def _pre(self, mod, fn):
+        self.handles.append(mod.register_forward_pre_hook(lambda m, args: (fn(args[0]),) + tuple(args[1:])))
+
+    def _post(self, mod, fn):
+        self.handles.append(mod.register_forward_hook(lambda m, args, out: fn(out)))
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _gate_scores(model: nn.Module, batches, gs: list[Group], *, per_dim_heads: bool, steps: int, l1: float,
+                 lr: float, log) -> dict[str, torch.Tensor]:
+    was = model.training
+    model.eval()
+    req = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        targets = [F.log_softmax(model(x), dim=-1) for x, _ in batches]  # the unpruned model's outputs
+    gates = _Gates(model, gs, per_dim_heads)
+    try:
+        opt = torch.optim.Adam(list(gates.params.values()), lr=lr)
+        for step in range(steps):
+            i = step % len(batches)
+            x = batches[i][0]
+            logp = F.log_softmax(model(x), dim=-1)
+            kd = F.kl_div(logp, targets[i], reduction="batchmean", log_target=True)
+            reg = sum(p.abs().mean() for p in gates.params.values())
+            loss = kd + l1 * reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if log and (step + 1 == steps or (step + 1) % max(1, steps // 4) == 0):
+                log(f"  soft masks step {step + 1}/{steps}: KD {kd.item():.4f}, mean |mask| "
+                    f"{torch.cat([p.detach().abs().flatten() for p in gates.params.values()]).mean().item():.3f}")
+        scores = {}
+        for g in gs:
+            v = gates.params[g.id].detach().abs().double()
+            if g.kind == "heads" and per_dim_heads:
+                v = v.view(g.size, -1).mean(1)
+            scores[g.id] = v
+        return scores
+    finally:
+        gates.close()
+        for p, r in req.items():
+            p.requires_grad_(r)
+        model.train(was)
+
+
+# ------------------------------------------------------------------------------------- entry point
+def score(model: nn.Module, method: str, batches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (), *,
+          steps: int = 30, l1: float = 0.5, lr: float = 0.02,
+          log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    """{group id: importance per unit (float64, >= 0)} for the groups `method` scores."""
+    check_method(method)
+    gs = [g for g in groups(model) if g.kind in METHOD_KINDS[method]]
+    if method in NEEDS_DATA and not batches:
+        raise UserError(f"method {method!r} needs calibration batches (labelled images)")
+    if method == "magnitude":
+        return _per_group_normalised({g.id: unit_sums(model, g, lambda p: p.detach().abs()) for g in gs})
+    if method == "taylor":
+        return _grad_scores(model, batches, gs, second_order=False, log=log)
+    if method == "nvit":
+        return _grad_scores(model, batches, gs, second_order=True, log=log)
+    return _gate_scores(model, batches, gs, per_dim_heads=(method == "vtp"), steps=steps, l1=l1, lr=lr, log=log)
