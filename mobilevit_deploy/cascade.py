@@ -11,8 +11,8 @@ threshold is chosen once from one pass of every stage over the exit data.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from .errors import UserError
 

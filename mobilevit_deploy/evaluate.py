@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 from .errors import CheckpointError, DataError, UserError
 
@@ -34,7 +34,8 @@ class EvalResult:
 
     def line(self, data) -> str:
         h, w = self.deploy_cfg.image_size
-        s = f"top-1 {self.top1:.2f} % ({self.correct}/{self.total}) on {data} | {self.model} {self.source} | input {h}x{w}"
+        s = (f"top-1 {self.top1:.2f} % ({self.correct}/{self.total}) on {data} | {self.model} {self.source} "
+             f"| input {h}x{w}")
         if self.skipped:
             s += f" | {self.skipped} undecodable image(s) skipped"
         return s
@@ -64,13 +65,14 @@ def _class_mapping(data_classes: Sequence[str], labels: Sequence[str], data, wha
     if set(data_classes) != set(labels):
         raise DataError(f"class folders of {data} do not match the labels of {what}: data has {sorted(data_classes)}, "
                         f"model has {list(labels)}")
-    pos = {l: i for i, l in enumerate(labels)}
+    pos = {label: i for i, label in enumerate(labels)}
     return [pos[c] for c in data_classes]
 
 
-def evaluate(data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None, artifact: str | os.PathLike | None = None,
-             model: str | None = None, deploy_cfg=None, batch_size: int = 100, limit: int | None = None,
-             progress: bool = True, threads: int | None = None, size: int | None = None) -> EvalResult:
+def evaluate(data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
+             artifact: str | os.PathLike | None = None, model: str | None = None, deploy_cfg=None,
+             batch_size: int = 100, limit: int | None = None, progress: bool = True, threads: int | None = None,
+             size: int | None = None) -> EvalResult:
     """Top-1 of a checkpoint, an artifact or the shipped weights (neither given) on `data`."""
     import torch
     from tqdm import tqdm
@@ -92,8 +94,8 @@ def evaluate(data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = 
         runner = load_artifact(artifact, num_threads=threads)
         manifest = runner.manifest
         if manifest is None:
-            raise UserError(f"{artifact} has no manifest ({Path(str(artifact) + '.json').name}); it tells the input size, "
-                            "normalisation and labels")
+            raise UserError(f"{artifact} has no manifest ({Path(str(artifact) + '.json').name}); "
+                            "it tells the input size, normalisation and labels")
         dcfg = deploy_cfg or deploy_cfg_from_manifest(manifest)
         if size is not None and tuple(dcfg.image_size) != (size, size):
             h, w = dcfg.image_size
@@ -159,7 +161,7 @@ def evaluate(data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = 
     if ds.bad:
         import warnings
 
-        warnings.warn(f"{len(ds.bad)} undecodable image(s) skipped in {data}")
+        warnings.warn(f"{len(ds.bad)} undecodable image(s) skipped in {data}", stacklevel=2)
     return EvalResult(100.0 * correct / max(total, 1), correct, total, len(ds.bad), source, name, dcfg)
 
 
@@ -170,7 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="directory of class folders (DIR/<class>/*.jpg)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--checkpoint", help=".safetensors / .pt weights (sibling .json gives model and preprocessing)")
-    g.add_argument("--artifact", help="exported .pte / .onnx (/.mlpackage on macOS); its manifest gives the preprocessing")
+    g.add_argument("--artifact",
+                   help="exported .pte / .onnx (/.mlpackage on macOS); its manifest gives the preprocessing")
     p.add_argument("--model", help="model name (default: from the checkpoint JSON, else mobilevit_xxs)")
     p.add_argument("--size", type=int, help="input side S: evaluate at S x S instead of the deploy size (checkpoints)")
     p.add_argument("--batch-size", type=int, default=100)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mobilevit_deploy.cli import run_cli
-from mobilevit_deploy.errors import DataError, UserError
+from mobilevit_deploy.errors import DataError
 
 from test_train_loop import FIXTURE, TINY, TinyNet, tiny  # noqa: F401  (fixture)
 
@@ -67,7 +67,8 @@ def test_class_mismatch_names_both(tiny, tmp_path):
     from mobilevit_deploy.evaluate import evaluate
 
     _, ck, _ = _save_tiny(tmp_path, labels=("blue", "green", "yellow"))
-    with pytest.raises(DataError, match=r"data has \['blue', 'green', 'red'\].*model has \['blue', 'green', 'yellow'\]"):
+    with pytest.raises(DataError,
+                       match=r"data has \['blue', 'green', 'red'\].*model has \['blue', 'green', 'yellow'\]"):
         evaluate(VAL, checkpoint=ck, progress=False)
 
 

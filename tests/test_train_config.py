@@ -60,7 +60,8 @@ def test_wrong_type_is_an_error():
 def test_set_overrides_any_field(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("model: {name: mobilevit_xxs}\nschedule: {epochs: 10}\n")
-    c = load_recipe(p, ["schedule.epochs=3", "data.train_sizes=[64, 96]", "optim.lr=1e-3", "ema.enabled=true", "seed=7"])
+    c = load_recipe(p, ["schedule.epochs=3", "data.train_sizes=[64, 96]", "optim.lr=1e-3", "ema.enabled=true",
+                        "seed=7"])
     assert c.schedule.epochs == 3 and c.data.train_sizes == [64, 96] and c.optim.lr == 1e-3
     assert c.ema.enabled is True and c.seed == 7
     with pytest.raises(UserError, match="optim.lrr"):

@@ -6,11 +6,9 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from test_train_loop import FIXTURE, load_weights, tiny, tiny_cfg  # noqa: F401  (fixture)
 
@@ -26,9 +24,9 @@ def _free_port() -> int:
 def _worker(rank, world, port, out, over):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    from test_train_loop import register_tiny, tiny_cfg
-
     from mobilevit_deploy.train.loop import train
+
+    from test_train_loop import register_tiny, tiny_cfg
 
     register_tiny()
     train(tiny_cfg(**over), data=FIXTURE, out=out)

@@ -118,7 +118,8 @@ def test_resume_after_interruption_matches_straight_run(tiny, tmp_path):
     # a torch RNG draw between the two invocations must not matter: the state is restored
     torch.rand(100)
     train(cfg, data=FIXTURE, out=tmp_path / "resumed", resume=True)
-    a, b = load_weights(tmp_path / "straight" / "model.safetensors"), load_weights(tmp_path / "resumed" / "model.safetensors")
+    a = load_weights(tmp_path / "straight" / "model.safetensors")
+    b = load_weights(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ca = load_weights(next((tmp_path / "straight" / "checkpoint").glob("*_model.safetensors")))
     cb = load_weights(next((tmp_path / "resumed" / "checkpoint").glob("*_model.safetensors")))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mobilevit_deploy.errors import UserError
+
 from test_train_loop import FIXTURE, TinyNet, tiny, tiny_cfg  # noqa: F401  (the `tiny` fixture)
 
 

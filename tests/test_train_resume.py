@@ -19,7 +19,8 @@ EPOCHS = 5
 
 
 def _cmd(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "mobilevit_deploy.train", "--recipe", str(REPO / "recipes" / "mobilevit_xxs_cifar10.yaml"),
+    return [sys.executable, "-m", "mobilevit_deploy.train",
+            "--recipe", str(REPO / "recipes" / "mobilevit_xxs_cifar10.yaml"),
             "--data", str(FIXTURE), "--out", str(out), "--set", f"schedule.epochs={EPOCHS}",
             "--set", "data.train_sizes=[32, 64]", "--set", "data.base_size=32", "--set", "data.batch_size=8",
             "--set", "data.eval_size=32", "--set", "threads=1", "--set", "progress=false", *extra]

@@ -4,7 +4,7 @@
     res = export_model("mobilevit_xxs", ExportConfig(target="executorch"), out_dir="artifacts")
     res.artifact, res.manifest_path, res.manifest["verification"]
 
-`export_model(model, config)`: `model` is a registered name (its shipped weights, else untrained),
+`export_model(source, config)`: `source` is a registered name (its shipped weights, else untrained),
 a `pretrained.ModelSource` (name + checkpoint / num_classes / deploy_cfg, or an nn.Module) or an
 already `LoadedModel`; `config` an `ExportConfig` (or its dict form). The work is the stages of
 `stages.py` in their declared order (capture -> quantize -> lower -> compress -> verify -> write),

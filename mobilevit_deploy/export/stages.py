@@ -194,7 +194,12 @@ class Capture(Stage):
 
         cfg = source.deploy_cfg
         t = time.perf_counter()
-        program = cap.capture(cap.module_for_target(source.module, cfg, ctx.config.target), cfg)
+        module = source.module
+        if hasattr(module, "fold_for_export"):  # AugViT: circulant shortcuts folded into dense weights (same outputs)
+            import copy
+
+            module = copy.deepcopy(module).fold_for_export()
+        program = cap.capture(cap.module_for_target(module, cfg, ctx.config.target), cfg)
         ctx.timings["capture"] = time.perf_counter() - t
         _, h, w = cfg.input_size
         ctx.log(f"capture: torch.export of {source.name} at 1x3x{h}x{w}{cap.describe_wrapper(cfg, ctx.config.target)} "

@@ -199,26 +199,15 @@ def write_pruned(model, name: str, out_dir: str | os.PathLike, meta: dict | None
 
 
 # ------------------------------------------------------------------------------------------ stage
-def prune(cfg: PruneConfig, log: Callable[[str], None] | None = print) -> PruneResult:
-    """Run the pruning stage (see the module docstring). Raises UserError / DataError / CheckpointError
-    for bad input before anything is written."""
+def _load_checked(cfg: PruneConfig, say):
+    """Every check first, so that nothing is written when one fails: the config, --out, the data splits,
+    the source model (supported, labels matching the class folders) and the fine-tuning config.
+    Returns (out, train_samples, val_samples, loaded model source, teacher checkpoint)."""
     import torch
 
     from ..pretrained import ModelSource
-    from .budget import allocate, describe_removed, unit_costs
-    from .cost import CostModel, count_macs, count_params
-    from .importance import NEEDS_DATA, global_scores, score
     from .structures import check_supported
-    from .surgery import apply_plan
 
-    lines: list[str] = []
-
-    def say(s: str):
-        lines.append(s)
-        if log:
-            log(s)
-
-    # -- every check first: nothing is written when one fails
     cfg.validate()
     out = Path(cfg.out)
     _check_out(out)
@@ -235,19 +224,13 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] | None = print) -> PruneR
     teacher_ckpt = _teacher_checkpoint(cfg)
     # a bad --set fails here, before anything is written
     _finetune_config(cfg, name, dcfg, out / ".prune-work" / "pruned.safetensors", teacher_ckpt)
-    size = tuple(dcfg.image_size)
-    torch.manual_seed(cfg.seed)
+    return out, train_s, val_s, loaded, teacher_ckpt
 
-    # -- measure the unpruned model
-    cost = CostModel(model, size)
-    p0 = count_params(model)
-    say(f"prune: {name} at {size[0]}x{size[1]}: {p0 / 1e6:.3f} M params, {cost.total0 / 1e6:.1f} M MACs; "
-        f"{len(cost.groups)} prunable groups; method {cfg.method}, target {cfg.target:g} x {cfg.target_kind}")
-    t = time.perf_counter()
-    top1_0 = top1(model, val_s, dcfg, progress=cfg.progress)
-    say(f"val: unpruned top-1 {top1_0:.2f} % on {len(val_s)} images ({time.perf_counter() - t:.1f} s)")
 
-    # -- scores
+def _score_units(cfg: PruneConfig, model, train_s, dcfg, say) -> dict:
+    """Raw importance scores of the prunable units (calibration batches of train images if the method needs data)."""
+    from .importance import NEEDS_DATA, score
+
     t = time.perf_counter()
     batches = []
     if cfg.method in NEEDS_DATA:
@@ -256,8 +239,15 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] | None = print) -> PruneR
     what = f"{len(batches)} batch(es) of {len(batches[0][1])} train images" if batches else "the weights"
     say(f"score: {cfg.method} on {what}, {sum(v.numel() for v in raw.values())} units in {len(raw)} groups "
         f"({time.perf_counter() - t:.1f} s)")
+    return raw
 
-    # -- cost and allocation
+
+def _allocate_units(cfg: PruneConfig, model, name: str, cost, raw: dict, say):
+    """Cost model (MACs, or a latency model for a latency target) and the global allocation of removals.
+    Returns (allocation, latency model or None, cost unit)."""
+    from .budget import allocate, unit_costs
+    from .importance import global_scores
+
     lat = None
     if cfg.target_kind == "latency":
         from .latency import latency_model
@@ -271,8 +261,16 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] | None = print) -> PruneR
         cost_fn, unit = cost.macs, "MACs"
     gscores = global_scores(cfg.method, raw, unit_costs(cost, raw, cost_fn))
     alloc = allocate(cost, gscores, cfg.target, cost_fn, what="latency" if lat else "MACs")
+    return alloc, lat, unit
 
-    # -- removal
+
+def _remove_units(model, alloc, cost, size, p0: int, lat, unit: str, say):
+    """A pruned copy of `model` following `alloc.plan`; checks its counted MACs against the prediction.
+    Returns (pruned model, its MACs, its parameter count)."""
+    from .budget import describe_removed
+    from .cost import count_macs, count_params
+    from .surgery import apply_plan
+
     pruned = apply_plan(copy.deepcopy(model), alloc.plan)
     macs1 = count_macs(pruned, size)
     if macs1 != cost.macs(alloc.state):
@@ -283,6 +281,42 @@ def prune(cfg: PruneConfig, log: Callable[[str], None] | None = print) -> PruneR
     if lat is not None:
         say(f"latency ({lat.source}): predicted {alloc.cost_before:.4g} -> {alloc.cost_after:.4g} {unit} "
             f"({alloc.cost_after / alloc.cost_before:.3f} x)")
+    return pruned, macs1, p1
+
+
+def prune(cfg: PruneConfig, log: Callable[[str], None] | None = print) -> PruneResult:
+    """Run the pruning stage (see the module docstring). Raises UserError / DataError / CheckpointError
+    for bad input before anything is written."""
+    import torch
+
+    from .cost import CostModel, count_params
+
+    lines: list[str] = []
+
+    def say(s: str):
+        lines.append(s)
+        if log:
+            log(s)
+
+    # -- every check first: nothing is written when one fails
+    out, train_s, val_s, loaded, teacher_ckpt = _load_checked(cfg, say)
+    model, dcfg, name = loaded.module, loaded.deploy_cfg, loaded.name
+    size = tuple(dcfg.image_size)
+    torch.manual_seed(cfg.seed)
+
+    # -- measure the unpruned model
+    cost = CostModel(model, size)
+    p0 = count_params(model)
+    say(f"prune: {name} at {size[0]}x{size[1]}: {p0 / 1e6:.3f} M params, {cost.total0 / 1e6:.1f} M MACs; "
+        f"{len(cost.groups)} prunable groups; method {cfg.method}, target {cfg.target:g} x {cfg.target_kind}")
+    t = time.perf_counter()
+    top1_0 = top1(model, val_s, dcfg, progress=cfg.progress)
+    say(f"val: unpruned top-1 {top1_0:.2f} % on {len(val_s)} images ({time.perf_counter() - t:.1f} s)")
+
+    # -- scores, cost and allocation, removal
+    raw = _score_units(cfg, model, train_s, dcfg, say)
+    alloc, lat, unit = _allocate_units(cfg, model, name, cost, raw, say)
+    pruned, macs1, p1 = _remove_units(model, alloc, cost, size, p0, lat, unit, say)
     t = time.perf_counter()
     top1_p = top1(pruned, val_s, dcfg, progress=cfg.progress)
     say(f"val: pruned top-1 {top1_p:.2f} % before fine-tuning ({time.perf_counter() - t:.1f} s)")

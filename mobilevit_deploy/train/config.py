@@ -11,9 +11,10 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import UserError
 
@@ -204,7 +205,8 @@ def _build(cls, data, where: str):
     for k, v in data.items():
         key = f"{where}.{k}" if where else str(k)
         if k not in types_:
-            raise UserError(f"unknown recipe key {key!r} (valid keys{' in ' + where if where else ''}: {', '.join(types_)})")
+            scope = " in " + where if where else ""
+            raise UserError(f"unknown recipe key {key!r} (valid keys{scope}: {', '.join(types_)})")
         tp = types_[k]
         if dataclasses.is_dataclass(tp):
             kwargs[k] = _build(tp, v, key)

@@ -11,7 +11,7 @@ small datasets such as the 32 x 32 CIFAR-10 subset, where JPEG open/decode domin
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..data import load_rgb
 from ..errors import DataError
@@ -26,7 +26,8 @@ class _Images:
             from tqdm import tqdm
 
             imgs = []
-            for i, (p, _) in enumerate(tqdm(self.samples, desc=f"decode {what}", disable=not progress, leave=False, unit="img")):
+            bar = tqdm(self.samples, desc=f"decode {what}", disable=not progress, leave=False, unit="img")
+            for i, (p, _) in enumerate(bar):
                 imgs.append(self._decode(i, p))
             self._cache = imgs
             if len(self.bad) == len(self.samples):
@@ -39,7 +40,8 @@ class _Images:
             return img
         except Exception as e:  # PIL raises many types for corrupt files
             self.bad.add(i)
-            warnings.warn(f"skipping undecodable image {path}: {type(e).__name__} ({len(self.bad)} skipped so far)")
+            warnings.warn(f"skipping undecodable image {path}: {type(e).__name__} ({len(self.bad)} skipped so far)",
+                          stacklevel=2)
             return None
 
     def get(self, i: int):

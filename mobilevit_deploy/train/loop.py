@@ -13,7 +13,6 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -83,11 +82,13 @@ def check_splits(root: Path, cfg: TrainConfig):
     tr, va = root / cfg.data.train_dir, root / cfg.data.val_dir
     for d in (tr, va):
         if not d.is_dir():
-            raise DataError(f"{root} has no {d.name}/ folder (expected {root}/{cfg.data.train_dir}/<class>/* and {root}/{cfg.data.val_dir}/<class>/*)")
+            raise DataError(f"{root} has no {d.name}/ folder (expected {root}/{cfg.data.train_dir}/<class>/* "
+                            f"and {root}/{cfg.data.val_dir}/<class>/*)")
     ct, cv = find_classes(tr), find_classes(va)
     if ct != cv:
         only_t, only_v = sorted(set(ct) - set(cv)), sorted(set(cv) - set(ct))
-        raise DataError(f"class folders differ between {tr} and {va}: only in train: {only_t or '-'}; only in val: {only_v or '-'}")
+        raise DataError(f"class folders differ between {tr} and {va}: only in train: {only_t or '-'}; "
+                        f"only in val: {only_v or '-'}")
     train_s, classes = list_image_folder(tr, ct)
     val_s, _ = list_image_folder(va, ct)
     if cfg.data.limit_train:
@@ -288,9 +289,11 @@ def train(cfg: TrainConfig, *, data: str | os.PathLike | None = None, out: str |
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         elif info.distributed and info.device == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))))
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         if not resume and (out_dir / "checkpoint" / STATE).exists():
-            raise UserError(f"{out_dir} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+            raise UserError(f"{out_dir} already holds a checkpoint: pass --resume to continue it, "
+                            "or choose another --out")
         run = _setup(cfg, info, Path(root), out_dir)
         if resume:
             _restore(run)
@@ -359,7 +362,8 @@ def _setup(cfg: TrainConfig, info, root: Path, out_dir: Path) -> _Run:
                                      seed=cfg.seed, world_size=info.world_size, rank=info.rank)
     loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=d.num_workers,
                                          persistent_workers=False)
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=d.val_batch_size, shuffle=False, num_workers=d.num_workers)
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=d.val_batch_size, shuffle=False,
+                                             num_workers=d.num_workers)
     s0 = len(sampler.schedule(0))
     warmup_epochs = (cfg.schedule.warmup_iters / s0) if cfg.schedule.warmup_iters else cfg.schedule.warmup_epochs
     return _Run(cfg, info, out_dir, root, classes, dcfg, device, mf, resolve_amp(cfg.amp, info.device), model, net,
@@ -387,7 +391,8 @@ def _restore(run: _Run) -> None:
         return
     state, msd, esd = load_checkpoint_state(run.ckpt_dir)
     if state["config"]["model"]["name"] != cfg.model.name:
-        raise UserError(f"cannot resume: checkpoint is {state['config']['model']['name']}, recipe says {cfg.model.name}")
+        raise UserError(f"cannot resume: checkpoint is {state['config']['model']['name']}, "
+                        f"recipe says {cfg.model.name}")
     run.model.load_state_dict(msd)
     run.opt.load_state_dict(state["optimizer"])
     if run.ema is not None:
@@ -413,7 +418,8 @@ def _start_message(run: _Run, recipe_path) -> None:
         return
     cfg, d, ms, info = run.cfg, run.cfg.data, run.cfg.multisize, run.info
     run.out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run.out_dir / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+    atomic_write(run.out_dir / "config.yaml",
+                 lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
     n_par = sum(p.numel() for p in run.model.parameters())
     run.log(f"{cfg.model.name}: {n_par / 1e6:.2f} M params, {len(run.classes)} classes, {len(run.train_ds)} train / "
             f"{len(run.val_s)} val images, sizes {run.sampler.sizes} (global batch {d.batch_size} at "
@@ -447,8 +453,6 @@ def _step_loss(run: _Run, x, y):
 
 def _train_epoch(run: _Run, epoch: int) -> dict:
     """One epoch of optimisation; returns the epoch's metrics row (losses summed over DDP processes)."""
-    import time
-
     import torch
     from tqdm import tqdm
 
@@ -505,8 +509,6 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
 
 def _validate(run: _Run, row: dict, last: bool) -> None:
     """Val top-1 / loss of the evaluated weights (EMA by default) into `row`; raw weights too after the last epoch."""
-    import time
-
     from . import distributed as dist_
 
     info = run.info
@@ -537,8 +539,8 @@ def _save_epoch(run: _Run, epoch: int, row: dict) -> None:
                  "scheduler": {"global_step": run.global_step, "warmup_epochs": run.warmup_epochs, "lr": lr},
                  "ema": ema.state_dict() if ema is not None else None, "sampler": run.sampler.state_dict(),
                  "rng": rngs, "metrics": run.metrics, "config": run.cfg.to_dict()}
-        save_checkpoint(run.ckpt_dir, epoch, run.model.state_dict(), ema.module.state_dict() if ema is not None else None,
-                        state)
+        ema_sd = ema.module.state_dict() if ema is not None else None
+        save_checkpoint(run.ckpt_dir, epoch, run.model.state_dict(), ema_sd, state)
         _write_metrics(run.out_dir, run.metrics)
         v = f"val top-1 {row['val_top1']:.2f}%" if "val_top1" in row else "no val"
         if "val_top1_raw" in row:
@@ -563,10 +565,17 @@ def _finish(run: _Run, recipe_path) -> TrainResult:
                 "val_top1_note": "measured during training on the val split with data.eval_transform(deploy_cfg), fp32",
                 "weights": "ema" if final is not run.model else "raw", "sha256": file_sha256(w),
                 "deploy_cfg": run.dcfg.to_dict()}
+        if cfg.model.init_checkpoint:  # a pruned starting point: its architecture record travels with the weights
+            from ..prune.record import recorded_architecture
+
+            arch = recorded_architecture(cfg.model.init_checkpoint)
+            if arch is not None:
+                meta["architecture"] = arch
         ms = cfg.multisize
         if ms.eval_sizes:
             meta["val_top1_per_size"] = _top1_per_size(final, run.val_s, run.dcfg, ms.eval_sizes, cfg.data, run.show)
-            run.log("val top-1 per size: " + ", ".join(f"{k} px {v:.2f}%" for k, v in meta["val_top1_per_size"].items()))
+            per_size = meta["val_top1_per_size"]
+            run.log("val top-1 per size: " + ", ".join(f"{k} px {v:.2f}%" for k, v in per_size.items()))
         atomic_write(run.out_dir / "model.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
         plot_curves(metrics, run.out_dir / "curves.png", f"{cfg.model.name} {cfg.name}".strip())
         result.weights = w

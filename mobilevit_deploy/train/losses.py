@@ -47,7 +47,8 @@ def manifold_terms(f_s, f_t, k: int = 192, generator=None):
     s = F.normalize(_tokens(f_s).float(), dim=-1)
     t = F.normalize(_tokens(f_t).float(), dim=-1)
     if s.shape[:2] != t.shape[:2]:
-        raise ValueError(f"student and teacher need the same batch and patch count, got {tuple(s.shape[:2])} vs {tuple(t.shape[:2])}")
+        raise ValueError(f"student and teacher need the same batch and patch count, "
+                         f"got {tuple(s.shape[:2])} vs {tuple(t.shape[:2])}")
     b, n, _ = s.shape
     d = t @ t.transpose(1, 2) - s @ s.transpose(1, 2)  # [B, N, N]
     patch = (d * d).sum((1, 2)).mean()
@@ -63,7 +64,7 @@ def manifold_terms(f_s, f_t, k: int = 192, generator=None):
 
 @dataclass
 class LossOutput:
-    total: "object"
+    total: object
     parts: dict
 
 

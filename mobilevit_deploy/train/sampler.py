@@ -15,7 +15,7 @@ decodes image `index` at `size` x `size` with augmentation seeded by `(seed, epo
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from ..errors import UserError
 
@@ -77,10 +77,16 @@ class MultiScaleBatchSampler:
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.num_samples, generator=g).tolist() if self.shuffle else list(range(self.num_samples))
+        if self.shuffle:
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            order = list(range(self.num_samples))
         out, pos = [], 0
         while pos < self.num_samples:
-            size = self.sizes[int(torch.randint(len(self.sizes), (1,), generator=g))] if len(self.sizes) > 1 else self.sizes[0]
+            if len(self.sizes) > 1:
+                size = self.sizes[int(torch.randint(len(self.sizes), (1,), generator=g))]
+            else:
+                size = self.sizes[0]
             b = self.batch_for(size)
             take = order[pos:pos + b]
             pos += b
@@ -110,5 +116,6 @@ class MultiScaleBatchSampler:
     def load_state_dict(self, state: dict) -> None:
         for k in ("seed", "sizes", "batch_size", "base_size", "variable_batch"):
             if k in state and state[k] != getattr(self, k):
-                raise UserError(f"cannot resume: sampler {k} was {state[k]!r}, the recipe now says {getattr(self, k)!r}")
+                raise UserError(f"cannot resume: sampler {k} was {state[k]!r}, "
+                                f"the recipe now says {getattr(self, k)!r}")
         self.epoch = int(state["epoch"])

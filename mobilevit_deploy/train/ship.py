@@ -1,6 +1,7 @@
 """Turn a finished run into the package's shipped default weights.
 
-    python -m mobilevit_deploy.train.ship --run runs/NAME --val ../shared/data/cifar10/val [--tag cifar10] [--sizes 48 64 96]
+    python -m mobilevit_deploy.train.ship --run runs/NAME --val ../shared/data/cifar10/val \
+        [--tag cifar10] [--sizes 48 64 96]
 
 Writes `mobilevit_deploy/assets/weights/<model>_<tag>.safetensors` (fp16) and `<same stem>.json` with
 model, recipe, data, epochs, val_top1, sha256, deploy_cfg (the schema read by
@@ -38,9 +39,11 @@ def ship(run: str | Path, val: str | Path, tag: str = "cifar10", dest: str | Pat
     w = save_safetensors(sd, dest / f"{stem}.safetensors")
     dcfg = DeployCfg.from_dict(meta["deploy_cfg"])
     r = evaluate(val, checkpoint=w, model=meta["model"], deploy_cfg=dcfg, progress=progress)
-    out = {"model": meta["model"], "recipe": f"recipes/{meta['recipe']}" if meta.get("recipe", "").endswith(".yaml") else meta.get("recipe"),
+    recipe = f"recipes/{meta['recipe']}" if meta.get("recipe", "").endswith(".yaml") else meta.get("recipe")
+    note = f"python -m mobilevit_deploy.evaluate --data {val} (fp16 weights, eval_transform(deploy_cfg))"
+    out = {"model": meta["model"], "recipe": recipe,
            "data": meta["data"], "epochs": meta["epochs"], "val_top1": round(r.top1, 2),
-           "val_images": r.total, "val_top1_note": f"python -m mobilevit_deploy.evaluate --data {val} (fp16 weights, eval_transform(deploy_cfg))",
+           "val_images": r.total, "val_top1_note": note,
            "train_val_top1_fp32": meta.get("val_top1"), "weights": meta.get("weights"),
            "sha256": file_sha256(w), "deploy_cfg": dcfg.to_dict()}
     if sizes:

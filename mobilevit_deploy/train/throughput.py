@@ -1,6 +1,7 @@
 """Measure training throughput (forward + backward + AdamW step) in fp32 and bf16 autocast.
 
-    python -m mobilevit_deploy.train.throughput --model mobilevit_xxs --size 64 --batch 64 [--amp fp32 bf16] [--channels-last off on] [--steps 5]
+    python -m mobilevit_deploy.train.throughput --model mobilevit_xxs --size 64 --batch 64 \
+        [--amp fp32 bf16] [--channels-last off on] [--steps 5]
 
 Random inputs, a 10-class head; prints img/s per precision (median step time after one warm-up step).
 Use it to decide a recipe's `amp`: bf16 autocast only pays on CPUs with native bf16 (AVX512-BF16/AMX).
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
     for amp in a.amp:
         for cl in a.channels_last:
             r = measure(a.model, a.size, a.batch, amp, a.steps, a.threads, channels_last=cl == "on")
-            print(f"{r['model']} {r['size']} px batch {r['batch']} {amp}{' channels_last' if r['channels_last'] else ''}: "
+            cl_tag = " channels_last" if r["channels_last"] else ""
+            print(f"{r['model']} {r['size']} px batch {r['batch']} {amp}{cl_tag}: "
                   f"{r['step_ms']:.0f} ms/step, {r['img_per_s']:.1f} img/s "
                   f"({r['threads']} threads, load avg {r['load_avg_1min']})")
     return 0

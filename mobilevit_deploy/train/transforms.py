@@ -7,12 +7,13 @@ the dataset, so an image gets the same augmentation whatever process, worker or 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 _INTERP = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values
 
 
-def random_resized_crop_box(width: int, height: int, scale: Sequence[float], ratio: Sequence[float], rng) -> tuple[int, int, int, int]:
+def random_resized_crop_box(width: int, height: int, scale: Sequence[float], ratio: Sequence[float],
+                            rng) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of a crop covering a random fraction `scale` of the area with a
     random aspect ratio in `ratio` (log-uniform); falls back to the largest centred crop in range."""
     area = width * height
