@@ -508,3 +508,12 @@ def test_token_reduction_option_errors():
     for kw in ({"keep_rate": 0.7}, {"gather": "onehot"}, {"keep_layers": (1,)}):
         with pytest.raises(UserError, match="TNT has no token reduction.*deit_\\* and augvit_\\*"):
             create_model("tnt_s_patch16_224", **kw)
+
+
+@pytest.mark.parametrize("name", ["mobilevit_xxs", "cmt_ti"])
+def test_token_reduction_on_a_model_without_it_is_a_user_error(name):
+    from mobilevit_deploy.errors import UserError
+    from mobilevit_deploy.models import create_model
+
+    with pytest.raises(UserError, match="has no option 'keep_rate'.*deit_"):
+        create_model(name, keep_rate=0.7)

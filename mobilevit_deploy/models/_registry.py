@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from ..errors import choices_error
+from ..errors import UserError, choices_error
 from ._cfg import DeployCfg
 
 _MODELS: dict[str, Callable] = {}
@@ -62,7 +62,14 @@ def create_model(
     cfg = deploy_cfg or get_deploy_cfg(name, num_classes, labels)
     if name not in _MODELS:
         raise choices_error("model", name, sorted(_MODELS))
-    model = _MODELS[name](num_classes=cfg.num_classes, **kwargs)
+    try:
+        model = _MODELS[name](num_classes=cfg.num_classes, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        bad = str(e).split("unexpected keyword argument")[-1].strip(" '\"")
+        raise UserError(f"{name} has no option {bad!r} (token reduction, keep_rate / keep_layers: deit_* and "
+                        f"augvit_* models)") from e
     size = tuple(cfg.input_size[1:])
     if "img_size" not in kwargs and hasattr(model, "set_input_size") and tuple(model.img_size) != size:
         # Parameters tied to the input size (CMT's relative position biases): build them for the
