@@ -43,7 +43,7 @@ from ..errors import UserError, choices_error
 from ._cfg import IMAGENET_MEAN, IMAGENET_STD, DeployCfg
 from ._registry import register_model
 from .layers import Attention as _Attention
-from .layers import DropPath, Mlp, merge_heads, split_heads
+from .layers import TransformerBlock, merge_heads, split_heads
 
 __all__ = ["VisionTransformer", "ViTCfg", "TokenReducer", "Block", "model_cfgs", "resample_abs_pos_embed",
            "token_schedule", "GATHER_MODES"]
@@ -216,9 +216,10 @@ class TokenReducer(nn.Module):
         return torch.cat([prefix, kept, fused], dim=1)
 
 
-class Block(nn.Module):
+class Block(TransformerBlock):
     """Pre-norm ViT block (timm keys norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2), optionally
-    reducing tokens (EViT) between the attention and the MLP."""
+    reducing tokens (EViT) between the attention and the MLP. The layers are layers.TransformerBlock's; the
+    attention is this file's, which can also return the class token's attention."""
 
     def __init__(
             self,
@@ -233,13 +234,8 @@ class Block(nn.Module):
             norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
             reducer: TokenReducer | None = None,
     ):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias, proj_drop, attn_drop, drop_path, act_layer, norm_layer)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.reducer = reducer
 
     def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
