@@ -38,58 +38,23 @@ def lower_with_etrecord(model, cfg, out: Path, ln_decomp: bool = False):
 
 
 def profile_pte(pte: Path, out: Path, x, threads: int, runs: int):
-    import executorch.extension.pybindings.portable_lib as et_lib
-    from executorch.devtools import Inspector
-    from executorch.runtime import Runtime
+    """ETDump + Inspector per op type: `mobilevit_deploy.bench.profile.profile_pte` (the one home of
+    this profile; `python -m mobilevit_deploy.bench --profile` is its CLI), printed."""
+    from mobilevit_deploy.bench.profile import profile_pte as _profile
 
-    et_lib._unsafe_reset_threadpool(threads)
-    # debug buffer 0: timings only (intermediate outputs would overflow it)
-    prog = Runtime.get().load_program(str(pte), enable_etdump=True, debug_buffer_size=0)
-    method = prog.load_method("forward")
-    for _ in range(5):
-        method.execute([x])
-    walls = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        method.execute([x])
-        walls.append((time.perf_counter() - t0) * 1e3)
-    prog.write_etdump_result_to_file(str(out / "etdump.etdp"), str(out / "debug.bin"))
-    insp = Inspector(etdump_path=str(out / "etdump.etdp"), etrecord=str(out / "model.etrecord"))
-    df = insp.to_dataframe()
-    df = df[df["event_block_name"] == "Execute"]
-    import re
-
-    import numpy as np
-
-    warm = 5  # the first runs recorded are the warm-up calls
-    names = list(df["event_name"])
-    raw = np.array([list(r)[warm:] for r in df["raw"]])  # events x timed runs, ms
-    delegated = list(df["is_delegated_op"])
-    total = raw[names.index("Method::execute")]
-    groups = defaultdict(lambda: np.zeros(raw.shape[1]))
-    counts = defaultdict(int)
-    for i, n in enumerate(names):
-        if n in ("Method::execute", "DELEGATE_CALL", "OPERATOR_CALL"):
-            continue
-        key = re.sub(r" #\d+$", "", n) + (" [xnnpack]" if delegated[i] else " [portable]")
-        groups[key] += raw[i]
-        counts[key] += 1
-    n_deleg = names.count("DELEGATE_CALL")
-    ops_sum = sum(groups.values())
-    outside = total - ops_sum  # framework time: between delegate calls, inputs/outputs
-    walls.sort()
-    med_total = float(np.median(total))
-    print(f"\nExecuTorch {pte.name}: wall median {walls[len(walls) // 2]:.2f} ms over {runs} runs ({threads} threads); "
-          f"ETDump Method::execute median {med_total:.2f} ms, {n_deleg} delegate call(s)")
+    p = _profile(pte, x, threads=threads, runs=runs, workdir=out)
+    med_total = p["execute_ms"]
+    print(f"\nExecuTorch {pte.name}: wall median {p['wall_ms']:.2f} ms over {runs} runs ({threads} threads); "
+          f"ETDump Method::execute median {med_total:.2f} ms, {p['delegate_calls']} delegate call(s)")
     print("  per op type: median over runs of the per-run sum, and share of Method::execute")
     rows = []
-    for k, v in sorted(groups.items(), key=lambda kv: -float(np.median(kv[1]))):
-        m = float(np.median(v))
-        rows.append((k, counts[k], m))
-        print(f"  {m:8.3f} ms {100 * m / med_total:5.1f} %  x{counts[k]:<4} {k}")
-    m = float(np.median(outside))
-    print(f"  {m:8.3f} ms {100 * m / med_total:5.1f} %        outside any op (delegate entry/exit, runtime)")
-    return rows, walls
+    for o in p["ops"]:
+        key = f"{o['name']} [{'portable' if o['kind'] == 'portable' else 'xnnpack'}]"
+        rows.append((key, o["count"], o["ms"]))
+        print(f"  {o['ms']:8.3f} ms {100 * o['ms'] / med_total:5.1f} %  x{o['count']:<4} {key}")
+    print(f"  {p['outside_ops_ms']:8.3f} ms {100 * p['outside_ops_ms'] / med_total:5.1f} %        "
+          "outside any op (delegate entry/exit, runtime)")
+    return rows, [p["wall_ms"]]
 
 
 def profile_ort(model, cfg, out: Path, x, threads: int, runs: int):
@@ -142,8 +107,8 @@ def main(argv=None):
                    help="int8: the export stage's executorch int8 scheme (pt2e W8A8, calibrated on the samples)")
     p.add_argument("--reuse", action="store_true", help="reuse model.pte + model.etrecord already in --out")
     p.add_argument("--ln-decomp", action="store_true",
-                   help="decompose LayerNorm for XNNPACK even in a quantized program (the export stage does it "
-                        "for float programs only)")
+                   help="decompose LayerNorm for XNNPACK in a quantized program (the export stage now does it "
+                        "for quantized programs too; without this flag this study keeps the earlier behaviour)")
     a = p.parse_args(argv)
     from dataclasses import replace
 

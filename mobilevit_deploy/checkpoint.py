@@ -85,7 +85,17 @@ def load_checkpoint(model, path: str | os.PathLike) -> None:
 
     if is_apple_mobilevit(sd):  # Apple's ml-cvnets / corenet MobileViT release -> timm key layout
         sd = apple_to_timm(sd)
+    from .models.tnt import checkpoint_filter_fn, is_huawei_tnt
+
+    if is_huawei_tnt(sd):  # the original Huawei TNT release -> timm key layout (timm's checkpoint_filter_fn)
+        sd = checkpoint_filter_fn(sd, model if hasattr(model, "patch_pos") else None)
     own = model.state_dict()
+    # Modules a dense checkpoint lacks (DynamicViT's prediction modules) keep their initialisation when
+    # every key under them is missing (fine-tuning from the dense weights); a partial set is still an error.
+    optional = getattr(model, "optional_state_prefixes", lambda: ())()
+    for pre in optional:
+        if not any(k.startswith(pre) for k in sd):
+            sd.update({k: v for k, v in own.items() if k.startswith(pre)})
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shape = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"

@@ -10,6 +10,10 @@ shipped weights), the artifact's manifest (`<artifact>.json`: input size, mean/s
 the model's registered DeployCfg. The class folders of DIR must be the model's labels. `--size S`
 evaluates a checkpoint (or the shipped weights) at S x S instead of its deploy size (same preprocessing
 otherwise); an artifact has a static input size and takes only its own.
+
+A cascade artifact (manifest `cascade` section, `export --cascade`) is run per image by
+`runtime.CascadeRunner`: the result adds the exit rate per stage and the mean latency per image of the
+cascade and of its last stage alone, measured in the same run (`cascade_eval.py`; `--json` under `cascade`).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ class EvalResult:
     source: str
     model: str
     deploy_cfg: object
+    cascade: dict | None = None  # a cascade artifact: exit rates and mean latencies (cascade_eval.py)
 
     def line(self, data) -> str:
         h, w = self.deploy_cfg.image_size
@@ -38,6 +43,14 @@ class EvalResult:
              f"| input {h}x{w}")
         if self.skipped:
             s += f" | {self.skipped} undecodable image(s) skipped"
+        if self.cascade is not None:
+            c = self.cascade
+            s += (f"\ncascade {' -> '.join(c['stages'])}, threshold {c['threshold']:.4f}: exit rate "
+                  + ", ".join(f"{n} {r * 100:.1f} %" for n, r in zip(c["stages"], c["exit_rates"]))
+                  + f" | last stage alone top-1 {c['last_stage_top1']:.2f} %"
+                  + f"\nmean latency per image: cascade {c['mean_latency_ms']:.3f} ms, last stage alone "
+                  f"{c['last_stage_latency_ms']:.3f} ms ({c['latency_ratio']:.2f}x), {c['images']} images, "
+                  f"{c['threads']} thread(s), same run")
         return s
 
 
@@ -72,8 +85,9 @@ def _class_mapping(data_classes: Sequence[str], labels: Sequence[str], data, wha
 def evaluate(data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
              artifact: str | os.PathLike | None = None, model: str | None = None, deploy_cfg=None,
              batch_size: int = 100, limit: int | None = None, progress: bool = True, threads: int | None = None,
-             size: int | None = None) -> EvalResult:
-    """Top-1 of a checkpoint, an artifact or the shipped weights (neither given) on `data`."""
+             size: int | None = None, model_kwargs: dict | None = None) -> EvalResult:
+    """Top-1 of a checkpoint, an artifact or the shipped weights (neither given) on `data`.
+    `model_kwargs`: constructor options (--model-arg, e.g. keep_rate) for a checkpoint or shipped weights."""
     import torch
     from tqdm import tqdm
 
@@ -88,6 +102,11 @@ def evaluate(data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = 
     if threads:
         torch.set_num_threads(threads)
 
+    if artifact is not None and _is_cascade(artifact):
+        if size is not None:
+            raise UserError(f"--size {size}: {Path(artifact).name} is a cascade with static stage sizes; "
+                            "evaluate it without --size")
+        return _evaluate_cascade(data, artifact, limit=limit, progress=progress, threads=threads)
     if artifact is not None:
         from .runtime import load_artifact
 
@@ -139,7 +158,7 @@ def evaluate(data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = 
             dcfg = get_deploy_cfg(name, num_classes=len(data_classes), labels=data_classes)
         if size is not None:
             dcfg = replace(dcfg, input_size=(3, int(size), int(size)))
-        net = create_model(name, checkpoint=str(checkpoint), deploy_cfg=dcfg).eval()
+        net = create_model(name, checkpoint=str(checkpoint), deploy_cfg=dcfg, **(model_kwargs or {})).eval()
         batch = batch_size
 
         def fn(x):
@@ -165,6 +184,26 @@ def evaluate(data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = 
     return EvalResult(100.0 * correct / max(total, 1), correct, total, len(ds.bad), source, name, dcfg)
 
 
+def _is_cascade(artifact) -> bool:
+    from .export.manifest import manifest_path_for, read_manifest
+
+    p = manifest_path_for(artifact)
+    return p.is_file() and bool(read_manifest(p).get("cascade"))
+
+
+def _evaluate_cascade(data, artifact, *, limit=None, progress=True, threads=None) -> EvalResult:
+    """Top-1, exit rate per stage and mean latency per image (cascade and last stage alone, same run)."""
+    from .cascade_eval import labelled_images, measure_cascade, prepare_inputs
+    from .runtime import load_cascade
+
+    runner = load_cascade(artifact, num_threads=threads)
+    paths, ys = labelled_images(data, runner.deploy_cfg.class_labels, limit)
+    m = measure_cascade(runner, prepare_inputs(runner, paths, progress), ys, progress=progress)
+    correct = round(m.top1 * m.images / 100)
+    return EvalResult(m.top1, correct, m.images, 0, f"cascade artifact {Path(artifact).name}",
+                      runner.manifest.get("model", "?"), runner.deploy_cfg, cascade=m.to_dict())
+
+
 def main(argv=None) -> int:
     from .cli import ArgumentParser
 
@@ -176,6 +215,8 @@ def main(argv=None) -> int:
                    help="exported .pte / .onnx (/.mlpackage on macOS); its manifest gives the preprocessing")
     p.add_argument("--model", help="model name (default: from the checkpoint JSON, else mobilevit_xxs)")
     p.add_argument("--size", type=int, help="input side S: evaluate at S x S instead of the deploy size (checkpoints)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="model option for a checkpoint (repeatable; YAML value), e.g. keep_rate=0.7")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--limit", type=int, help="evaluate only N images spread over DIR")
     p.add_argument("--threads", type=int, help="torch / runtime threads")
@@ -184,14 +225,21 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
+    from .models.options import parse_model_args
+
+    margs = parse_model_args(a.model_arg)
+    if margs and a.artifact:
+        raise UserError("--model-arg applies to --checkpoint / shipped weights; an artifact's graph is fixed at export")
     r = evaluate(a.data, checkpoint=a.checkpoint, artifact=a.artifact, model=a.model, batch_size=a.batch_size,
-                 limit=a.limit, progress=not a.no_progress, threads=a.threads, size=a.size)
+                 limit=a.limit, progress=not a.no_progress, threads=a.threads, size=a.size, model_kwargs=margs)
     print(r.line(a.data))
     if a.json:
         from .checkpoint import atomic_write
 
         doc = {"data": str(a.data), "model": r.model, "source": r.source, "top1": r.top1, "correct": r.correct,
                "total": r.total, "skipped": r.skipped, "deploy_cfg": r.deploy_cfg.to_dict()}
+        if r.cascade is not None:
+            doc["cascade"] = r.cascade
         atomic_write(a.json, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
     return 0
 

@@ -120,6 +120,7 @@ class ModelSource:
     deploy_cfg: DeployCfg | None = None
     module: object = None
     pretrained: bool = True
+    model_kwargs: dict | None = None  # constructor options (--model-arg), e.g. {"keep_rate": 0.7}
 
     def load(self, log: Callable[[str], None] | None = None) -> LoadedModel:
         """Build (or take) the model; one `model: ...` line to `log`. Raises UserError / CheckpointError."""
@@ -175,14 +176,18 @@ class ModelSource:
         stored = DeployCfg.from_dict(found[0]["deploy_cfg"]) if found else None
         cfg = self._with_classes(self.deploy_cfg or stored or get_deploy_cfg(self.name))
         try:
-            m = create_model(self.name, checkpoint=str(path), deploy_cfg=cfg)
+            m = create_model(self.name, checkpoint=str(path), deploy_cfg=cfg, **(self.model_kwargs or {}))
         except CheckpointError as e:
             hint = ""
             if self.num_classes is None and "shape mismatch" in str(e):
                 hint = " (trained on another number of classes? pass --num-classes N)"
             raise CheckpointError(f"{e}{hint}") from None
+        from .models.options import recorded_model_kwargs
+
+        opts = {**recorded_model_kwargs(path), **(self.model_kwargs or {})}
+        opts = {k: v for k, v in opts.items() if k not in ("slim_order", "slim_counts")}  # long lists: see the JSON
         log(f"model: {self.name} from checkpoint {path} ({cfg.num_classes} classes, {_size(cfg)}"
-            f"{', deploy_cfg from ' + str(found[1]) if found else ''})")
+            f"{', deploy_cfg from ' + str(found[1]) if found else ''}{', options ' + str(opts) if opts else ''})")
         return LoadedModel(m, self.name, cfg, {"path": str(path), "sha256": file_sha256(path)},
                            meta=found[0] if found else {}, source=f"checkpoint {path}")
 
@@ -191,11 +196,11 @@ class ModelSource:
         from .models import create_model
 
         cfg = self._with_classes(self.deploy_cfg or sw.deploy_cfg)
-        m = create_model(self.name, checkpoint=str(sw.path), deploy_cfg=cfg)
+        m = create_model(self.name, checkpoint=str(sw.path), deploy_cfg=cfg, **(self.model_kwargs or {}))
         top1 = sw.meta.get("val_top1")
         top1_s = f"{top1:.2f}" if isinstance(top1, (int, float)) else "?"
-        log(f"model: {self.name} with shipped weights {sw.path.name} (val top-1 {top1_s} % on "
-            f"{sw.meta.get('data', '?')}, {cfg.num_classes} classes, {_size(cfg)})")
+        log(f"model: {self.name} with shipped weights {sw.path.name} (trained on {sw.meta.get('data', '?')}, "
+            f"val top-1 {top1_s} %, {cfg.num_classes} classes, {_size(cfg)})")
         ckpt = {"path": _repo_relative(sw.path), "sha256": file_sha256(sw.path), "shipped": True, "val_top1": top1}
         return LoadedModel(m, self.name, cfg, ckpt, meta=dict(sw.meta), source=f"shipped {sw.path.name}")
 
@@ -203,7 +208,7 @@ class ModelSource:
         from .models import create_model, get_deploy_cfg
 
         cfg = self._with_classes(self.deploy_cfg or get_deploy_cfg(self.name))
-        m = create_model(self.name, deploy_cfg=cfg)
+        m = create_model(self.name, deploy_cfg=cfg, **(self.model_kwargs or {}))
         if self.pretrained:
             why = (f"the shipped weights {sw.path.name} have {sw.deploy_cfg.num_classes} classes, not {cfg.num_classes}"
                    if sw is not None else f"no checkpoint given and no shipped weights for {self.name}")
@@ -214,10 +219,10 @@ class ModelSource:
 
 def load_model(model="mobilevit_xxs", *, checkpoint=None, num_classes: int | None = None,
                deploy_cfg: DeployCfg | None = None, pretrained: bool = True,
-               log: Callable[[str], None] | None = None) -> LoadedModel:
+               log: Callable[[str], None] | None = None, model_kwargs: dict | None = None) -> LoadedModel:
     """`ModelSource(...).load(log)` for a registered name or an nn.Module (see ModelSource)."""
     if isinstance(model, str) or model is None:
-        src = ModelSource(model, checkpoint, num_classes, deploy_cfg, pretrained=pretrained)
+        src = ModelSource(model, checkpoint, num_classes, deploy_cfg, pretrained=pretrained, model_kwargs=model_kwargs)
     else:
         src = ModelSource(None, checkpoint, num_classes, deploy_cfg, module=model, pretrained=pretrained)
     return src.load(log)

@@ -91,8 +91,11 @@ class Runner:
 class ExecuTorchRunner(Runner):
     kind = "executorch"
 
-    def __init__(self, path: Path, num_threads: int | None = None):
+    def __init__(self, path: Path, num_threads: int | None = None, method: str = "forward", program=None):
+        """`method`: the program's method to run (a cascade `.pte` has one per stage, e.g. "forward_32");
+        `program`: an already loaded `executorch.runtime.Program` of `path` to take it from (loaded once)."""
         super().__init__(path)
+        self.method_name = method
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
 
@@ -101,8 +104,8 @@ class ExecuTorchRunner(Runner):
         self.num_threads = int(portable_lib._threadpool_get_thread_count())
         runtime = Runtime.get()
         try:
-            self._program = runtime.load_program(str(self.path))
-            self._method = self._program.load_method("forward")
+            self._program = program if program is not None else runtime.load_program(str(self.path))
+            self._method = self._program.load_method(method)
         except Exception as e:
             raise UserError(_explain_pte_failure(self.path, runtime, e)) from e
         meta = self._method.metadata
@@ -228,8 +231,175 @@ def load_artifact(path: str | os.PathLike, num_threads: int | None = None, *,
         raise UserError(f"unknown artifact type {p.name!r} (choose from: {', '.join(SUFFIXES)})")
     if num_threads is not None and int(num_threads) < 1:
         raise UserError(f"num_threads must be >= 1, got {num_threads}")
+    from .export.manifest import manifest_path_for
+
+    mpath = manifest_path_for(p)
+    if mpath.is_file() and '"cascade"' in mpath.read_text(encoding="utf-8"):
+        from .export.manifest import read_manifest
+
+        if read_manifest(mpath).get("cascade"):
+            raise UserError(f"{p.name} is a cascade artifact (one graph per stage, see its manifest): run it with "
+                            "mobilevit_deploy.runtime.load_cascade(path)")
     if suffix == ".pte":
         return ExecuTorchRunner(p, num_threads)
     if suffix == ".onnx":
         return OnnxRuntimeRunner(p, num_threads)
     return CoreMLRunner(p, num_threads, compute_units)
+
+
+# ----------------------------------------------------------------------------------------- cascades
+
+
+@dataclass(frozen=True)
+class CascadeAnswer:
+    """What one cascade call returns: the answering stage's logits [1, C] and which stage answered."""
+
+    logits: object  # torch.Tensor [1, C] of the answering stage
+    stage: int  # index of the answering stage (0 = the smallest input)
+    name: str  # its method / function name (manifest cascade.stages[i].name)
+    max_probabilities: tuple  # the max softmax probability of every stage that ran, in order
+
+    @property
+    def label_index(self) -> int:
+        return int(self.logits.argmax(-1)[0])
+
+
+class CascadeRunner:
+    """A coarse-to-fine cascade artifact (manifest `cascade` section, docs/contracts.md): one call per image.
+
+    `runner(image)` (a PIL image or an image path) runs stage 1 on the image prepared at stage 1's size;
+    when the largest softmax probability of its logits is >= `threshold` that answer is final, otherwise
+    the next stage runs on the same image prepared at its own size (`data.eval_transform` of the
+    manifest's DeployCfg at that size: the one preprocessing rule); the last stage always answers.
+    Returns a `CascadeAnswer` (logits, answering stage). `run_prepared(inputs)` is the same decision on
+    inputs already prepared for every stage (what the benchmarks time: model time only);
+    `run_stage(i, x)` runs one stage alone. `threshold` overrides the manifest's (threshold sweeps).
+    """
+
+    def __init__(self, path: str | os.PathLike, num_threads: int | None = None, *, threshold: float | None = None,
+                 compute_units: str = "CPU_ONLY"):
+        from dataclasses import replace
+
+        from .export.manifest import manifest_path_for, read_manifest
+        from .models import DeployCfg
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"artifact not found: {self.path}")
+        if not manifest_path_for(self.path).is_file():
+            raise UserError(f"{self.path.name} has no manifest beside it: a cascade's stages and exit rule are in it")
+        self.manifest = read_manifest(self.path)
+        c = self.manifest.get("cascade")
+        if not c:
+            raise UserError(f"{self.path.name} is not a cascade artifact (its manifest has no 'cascade' section); "
+                            "use load_artifact")
+        self.stage_names, self.stage_sizes = _check_cascade_section(c, self.path.name)
+        rule = c["exit_rule"]
+        self.threshold = float(rule["threshold"] if threshold is None else threshold)
+        base = DeployCfg.from_dict(self.manifest["deploy_cfg"])
+        self.stage_cfgs = [replace(base, input_size=(3, h, w)) for h, w in self.stage_sizes]
+        self.deploy_cfg = self.stage_cfgs[-1]
+        suffix = self.path.suffix.lower()
+        if suffix == ".pte":
+            first = ExecuTorchRunner(self.path, num_threads, method=self.stage_names[0])
+            self.stages = [first] + [ExecuTorchRunner(self.path, None, method=name, program=first._program)
+                                     for name in self.stage_names[1:]]  # one program, one method per stage
+            self.num_threads = self.stages[0].num_threads
+        elif suffix == ".mlpackage":
+            self.stages = [_coreml_function_runner(self.path, name, cfg, compute_units)
+                           for name, cfg in zip(self.stage_names, self.stage_cfgs)]
+            self.num_threads = None
+        else:
+            raise UserError(f"{self.path.name}: cascades are .pte or .mlpackage artifacts")
+        self._transforms = None
+
+    def prepare(self, image, stage: int):
+        """The image (PIL or path) as stage `stage`'s input [1, 3, H, W]."""
+        from .data import eval_transform, load_rgb
+
+        if self._transforms is None:
+            self._transforms = [eval_transform(cfg) for cfg in self.stage_cfgs]
+        if not hasattr(image, "size"):
+            image = load_rgb(image)
+        return self._transforms[stage](image).unsqueeze(0).contiguous()  # the runtimes read NCHW memory
+
+    def prepare_all(self, image) -> list:
+        if not hasattr(image, "size"):
+            from .data import load_rgb
+
+            image = load_rgb(image)
+        return [self.prepare(image, i) for i in range(len(self.stages))]
+
+    def run_stage(self, i: int, x):
+        return self.stages[i](x)
+
+    def _decide(self, get_input) -> CascadeAnswer:
+        from .cascade import softmax
+
+        probs = []
+        last = len(self.stages) - 1
+        for i in range(last + 1):
+            logits = self.stages[i].run_one(get_input(i))
+            p = float(softmax(logits.numpy()).max())
+            probs.append(p)
+            if i == last or p >= self.threshold:
+                return CascadeAnswer(logits, i, self.stage_names[i], tuple(probs))
+        raise AssertionError("unreachable")
+
+    def run_prepared(self, inputs) -> CascadeAnswer:
+        return self._decide(lambda i: inputs[i])
+
+    def __call__(self, image) -> CascadeAnswer:
+        if not hasattr(image, "size"):
+            from .data import load_rgb
+
+            image = load_rgb(image)
+        return self._decide(lambda i: self.prepare(image, i))
+
+    def __repr__(self):
+        return (f"CascadeRunner({str(self.path)!r}, stages={self.stage_names}, sizes={self.stage_sizes}, "
+                f"threshold={self.threshold})")
+
+
+def _check_cascade_section(c: dict, what: str):
+    """(names, sizes) of a manifest cascade section; UserError for what docs/contracts.md says readers reject."""
+    try:
+        stages = c["stages"]
+        names = [str(s["name"]) for s in stages]
+        sizes = [(int(s["input_size"][0]), int(s["input_size"][1])) for s in stages]
+        kind, threshold = c["exit_rule"]["kind"], float(c["exit_rule"]["threshold"])
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise UserError(f"{what}: malformed cascade section ({type(e).__name__}: {e})") from None
+    if len(names) < 2 or len(set(names)) != len(names) or not all(names):
+        raise UserError(f"{what}: a cascade needs >= 2 stages with distinct names, got {names}")
+    if any(b[0] <= a[0] or b[1] <= a[1] for a, b in zip(sizes, sizes[1:])):
+        raise UserError(f"{what}: cascade stage sizes must strictly increase, got {sizes}")
+    if kind != "max_probability":
+        raise UserError(f"{what}: unknown cascade exit rule {kind!r} (choose from: max_probability)")
+    if not 0.0 <= threshold <= 1.0:
+        raise UserError(f"{what}: cascade threshold must be in [0, 1], got {threshold}")
+    return names, sizes
+
+
+def _coreml_function_runner(path: Path, function_name: str, deploy_cfg, compute_units: str):
+    """One function of a multi-function `.mlpackage` (macOS only, iOS 18 / macOS 15 Core ML)."""
+    from .export.coreml import load_for_predict
+
+    load_for_predict(path, compute_units)  # raises UserError off macOS, with the reason
+    import coremltools as ct
+
+    runner = CoreMLRunner.__new__(CoreMLRunner)
+    Runner.__init__(runner, path)
+    runner._model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units),
+                                      function_name=function_name)
+    runner.deploy_cfg = deploy_cfg
+    runner.input_shape = (1, *deploy_cfg.input_size)
+    return runner
+
+
+def load_cascade(path: str | os.PathLike, num_threads: int | None = None, *, threshold: float | None = None,
+                 compute_units: str = "CPU_ONLY") -> CascadeRunner:
+    """A CascadeRunner for a cascade `.pte` (or, on macOS, multi-function `.mlpackage`) and its manifest."""
+    if num_threads is not None and int(num_threads) < 1:
+        raise UserError(f"num_threads must be >= 1, got {num_threads}")
+    return CascadeRunner(path, num_threads, threshold=threshold, compute_units=compute_units)

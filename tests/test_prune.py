@@ -301,20 +301,24 @@ def test_unreachable_budget_is_a_user_error(model):
 
 
 # ------------------------------------------------------------------------------------ importance
-@pytest.mark.parametrize("method", ["taylor", "magnitude", "nvit", "slim", "vtp"])
+@pytest.mark.parametrize("method", ["taylor", "magnitude", "nvit", "slim", "vtp", "wd", "spvit"])
 def test_importance_methods(model, method):
+    from mobilevit_deploy.prune.importance import METHOD_KINDS
+    from mobilevit_deploy.prune.structures import ALL_KINDS
+
     torch.manual_seed(0)
     batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))) for _ in range(2)]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     s = score(model, method, batches, steps=3)
-    gs = {g.id: g for g in groups(model)}
+    gs = {g.id: g for g in groups(model, ALL_KINDS)}
     assert s and set(s) <= set(gs)
     for gid, v in s.items():
         assert v.shape == (gs[gid].size,) and torch.isfinite(v).all() and (v >= 0).all()
+    assert set(s) == {gid for gid, g in gs.items() if g.kind in METHOD_KINDS[method]}
     if method == "vtp":
         assert not any(gid.startswith("layers:") for gid in s)
-    else:
-        assert set(s) == set(gs)
+    if method == "spvit":
+        assert {gid.split(":")[0] for gid in s} == {"mv2_hidden", "mlp_hidden", "attn_conv"}
     # scoring leaves the model as it was (weights, hooks, requires_grad)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
@@ -335,10 +339,77 @@ def test_a_dead_unit_scores_zero(model, method):
     assert s[5] == 0 and (s[torch.arange(len(s)) != 5] > 0).all()
 
 
-@pytest.mark.parametrize("method", ["wd", "spvit", "foo"])
-def test_unimplemented_or_unknown_method(model, method):
-    with pytest.raises(UserError, match="taylor, magnitude, slim"):
+@pytest.mark.parametrize("method", ["foo", "WD"])
+def test_unknown_method(model, method):
+    with pytest.raises(UserError, match="taylor, magnitude, slim, vtp, nvit, wd, spvit"):
         score(model, method)
+
+
+# ------------------------------------------------------------------------------- wd and spvit
+def test_wd_depth_scores_drop_trailing_layers_first(model):
+    """WDPruning's depth: within a block the layer scores make the allocator remove trailing layers first;
+    layers the shallow classifiers mark droppable score far below the kept ones."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))) for _ in range(4)]
+    s = score(model, "wd", batches, steps=2)
+    for gid, v in s.items():
+        if gid.startswith("layers:"):
+            order = torch.argsort(v, stable=True).tolist()
+            assert order == list(range(len(v)))[::-1]  # last layer first
+            assert v[0] >= 1e6  # the first layer is never droppable (earliest exit = itself at worst)
+
+
+def test_spvit_conversion_record_macs_and_reprune(model, x, tmp_path):
+    """attn_conv: attentions turned into ConvAttention (weights from the attention's v and proj), MACs
+    predicted exactly, the record rebuilds the model bit-identically, and the result prunes again."""
+    from mobilevit_deploy.prune.modules import ConvAttention, is_conv_attention
+    from mobilevit_deploy.prune.structures import ALL_KINDS
+
+    m = copy.deepcopy(model)
+    plan = {"attn_conv:stages.3.1": [0, 2], "attn_conv:stages.2.1": [1],
+            "heads:stages.3.1.transformer.1.attn": [0, 2, 3],
+            "mlp_hidden:stages.2.1.transformer.0.mlp": list(range(64)),
+            "vit_width:stages.4.1": list(range(8, 96)), "layers:stages.4.1": [0, 2]}
+    for size in (32, 96):
+        cost = CostModel(model, (size, size))
+        pruned = apply_plan(copy.deepcopy(m), plan)
+        assert cost.macs(state_of_plan(cost, plan)) == count_macs(pruned, (size, size))
+    conv = pruned.get_submodule("stages.3.1.transformer.1.attn")
+    assert isinstance(conv, ConvAttention) and conv.num_heads == 3
+    src = m.get_submodule("stages.3.1.transformer.1.attn")
+    inner = 4 * src.head_dim
+    keep_rows = torch.cat([torch.arange(2 * inner, 3 * inner).view(4, -1)[[0, 2, 3]].flatten()])
+    assert torch.equal(conv.v.weight, src.qkv.weight[keep_rows])
+    assert not is_conv_attention(pruned.get_submodule("stages.3.1.transformer.0.attn"))
+    w, j, _ = write_pruned(pruned, "mobilevit_xxs", tmp_path)
+    rec = json.loads(j.read_text())["architecture"]
+    assert set(rec["replaced"]) == {"stages.2.1.transformer.0.attn", "stages.3.1.transformer.1.attn",
+                                    "stages.3.1.transformer.3.attn"}
+    rebuilt = create_model("mobilevit_xxs", checkpoint=str(w), deploy_cfg=model.deploy_cfg)
+    assert torch.equal(_out(rebuilt, x), _out(pruned, x))
+    # pruning the rebuilt model again: no heads group for conv layers, width through the conv's v / proj
+    gs = {g.id for g in groups(rebuilt, ALL_KINDS)}
+    assert "heads:stages.3.1.transformer.1.attn" not in gs and "heads:stages.3.1.transformer.0.attn" in gs
+    cost = CostModel(rebuilt, (SIZE, SIZE))
+    assert cost.macs(cost.initial_state()) == count_macs(rebuilt, (SIZE, SIZE))
+    plan2 = {"vit_width:stages.3.1": list(range(16, 80)), "attn_conv:stages.3.1": [0]}
+    again = apply_plan(copy.deepcopy(rebuilt), plan2)
+    assert cost.macs(state_of_plan(cost, plan2)) == count_macs(again, (SIZE, SIZE))
+    w2, _, _ = write_pruned(again, "mobilevit_xxs", tmp_path / "again")
+    assert torch.equal(_out(create_model("mobilevit_xxs", checkpoint=str(w2), deploy_cfg=model.deploy_cfg), x),
+                       _out(again, x))
+
+
+def test_spvit_budget_converts_attention_and_meets_target(model):
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))) for _ in range(2)]
+    cost = CostModel(model, (32, 32))
+    raw = score(model, "spvit", batches, steps=3)
+    alloc = allocate(cost, global_scores("spvit", raw, unit_costs(cost, raw)), 0.7)
+    pruned = apply_plan(copy.deepcopy(model), alloc.plan)
+    assert count_macs(pruned, (32, 32)) == cost.macs(alloc.state) <= 0.7 * cost.total0
+    kinds = {gid.split(":")[0] for gid in alloc.removed}
+    assert kinds <= {"mv2_hidden", "mlp_hidden", "attn_conv"}
 
 
 # -------------------------------------------------------------------------------- latency table
@@ -380,3 +451,57 @@ def test_latency_table_fit_cache_and_fallback(model, tmp_path, monkeypatch):
     alloc = allocate(cost, global_scores("magnitude", raw, unit_costs(cost, raw, cost_fn)), 0.6, cost_fn)
     assert alloc.cost_after <= 0.6 * alloc.cost_before
     assert latency_model(model, "mobilevit_xxs", cost, table="macs").source == LatencyModel.macs_proportional().source
+
+
+# ------------------------------------------------------------------------------------------ CMT
+@pytest.fixture(scope="module")
+def cmt():
+    """cmt_ti at 64 px, 3 classes, BatchNorm statistics and FFN weights random (every unit contributes)."""
+    torch.manual_seed(0)
+    cfg = replace(get_deploy_cfg("cmt_ti", 3, LABELS), input_size=(3, 64, 64), crop_pct=1.0)
+    m = create_model("cmt_ti", deploy_cfg=cfg)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def test_cmt_ffn_hidden_groups_surgery_macs_and_record(cmt, tmp_path):
+    """CMT: IRFFN hidden channels are prunable (LMHSA heads are not: shared per-stage position bias).
+    Zeroed units removed keep the outputs; analytic MACs == counted; the record rebuilds the model."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 64)
+    gs = groups(cmt)
+    assert {g.kind for g in gs} == {"ffn_hidden"} and len(gs) == 16  # 2 + 2 + 10 + 2 blocks
+    rnd = random.Random(0)
+    plan_removed = [(g, sorted(rnd.sample(range(g.size), g.size % 8 + 8 * (i % 3)))) for i, g in enumerate(gs)]
+    src = copy.deepcopy(cmt)
+    for g, removed in plan_removed:
+        src.get_submodule(g.path).conv2[0].weight.data[:, removed] = 0
+    plan = {g.id: [u for u in range(g.size) if u not in set(removed)] for g, removed in plan_removed}
+    pruned = apply_plan(copy.deepcopy(src), plan)
+    assert torch.allclose(_out(pruned, x), _out(src, x), atol=1e-5)
+    assert all(g.size % 8 == 0 for g in groups(pruned))
+    cost = CostModel(cmt, (64, 64))
+    assert cost.macs(cost.initial_state()) == count_macs(cmt, (64, 64))
+    assert cost.macs(state_of_plan(cost, plan)) == count_macs(pruned, (64, 64))
+    w, _, _ = write_pruned(pruned, "cmt_ti", tmp_path)
+    rebuilt = create_model("cmt_ti", checkpoint=str(w), deploy_cfg=cmt.deploy_cfg)
+    assert torch.equal(_out(rebuilt, x), _out(pruned, x))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "taylor", "slim"])
+def test_cmt_budget_is_met(cmt, method):
+    torch.manual_seed(0)
+    batches = [(torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2,)))]
+    cost = CostModel(cmt, (64, 64))
+    raw = score(cmt, method, batches, steps=2)
+    ffn_share = 1 - cost.const / cost.total0
+    target = round(1 - 0.5 * ffn_share, 3)
+    alloc = allocate(cost, global_scores(method, raw, unit_costs(cost, raw)), target)
+    pruned = apply_plan(copy.deepcopy(cmt), alloc.plan)
+    assert count_macs(pruned, (64, 64)) == cost.macs(alloc.state) <= target * cost.total0

@@ -68,8 +68,8 @@ BASE = ["--data", str(FIXTURE), "--threads", "1", "--no-progress", "--epochs", "
     ([], "one of the arguments --target-macs --target-latency is required"),
     (["--target-macs", "0.5", "--target-latency", "0.5"], "not allowed with argument"),
     (["--target-macs", "0.5", "--method", "foo"], "unknown method 'foo'"),
-    (["--target-macs", "0.5", "--method", "wd"], "'wd' is not implemented yet (implemented: taylor"),
-    (["--target-macs", "0.5", "--method", "spvit"], "'spvit' is not implemented yet"),
+    (["--target-macs", "0.5", "--method", "WD"], "unknown method 'WD' (choose from: taylor, magnitude, slim, vtp, "
+                                                 "nvit, wd, spvit)"),
     (["--target-macs", "0.5", "--epochs", "-1"], "--epochs must be >= 0"),
     (["--target-macs", "0.5", "--model", "nope"], "unknown model 'nope'"),
     (["--target-macs", "0.5", "--model", "mobilevit_xs"], "does not match"),  # an xxs checkpoint
@@ -119,6 +119,54 @@ def test_prune_without_finetuning_rebuilds(ckpt, tmp_path, capsys):
     assert count_macs(m, (32, 32)) == meta["prune"]["macs_after"]
 
 
+@pytest.mark.parametrize("method", ["wd", "spvit"])
+def test_wd_and_spvit_prune_and_rebuild(ckpt, tmp_path, capsys, method):
+    """wd / spvit through the CLI (no fine-tuning): the record rebuilds the pruned model with create_model."""
+    from mobilevit_deploy.models import create_model
+    from mobilevit_deploy.prune import count_macs
+
+    out = tmp_path / "out"
+    argv = ["--data", str(FIXTURE), "--threads", "1", "--no-progress", "--epochs", "0", "--method", method,
+            "--checkpoint", str(ckpt), "--out", str(out), "--target-macs", "0.7", "--mask-steps", "3",
+            "--batch-size", "8", "--calib-batches", "2"]
+    rc, stdout, err = _run(argv, capsys)
+    assert rc == 0, err
+    assert f"score: {method}" in stdout and ("depth probes" in stdout if method == "wd" else "spvit step" in stdout)
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["prune"]["macs_ratio"] <= 0.7
+    m = create_model("mobilevit_xxs", checkpoint=str(out / "model.safetensors"), num_classes=3)
+    assert count_macs(m, (32, 32)) == meta["prune"]["macs_after"]
+    if method == "spvit":
+        kinds = {gid.split(":")[0] for gid in meta["prune"]["removed"]}
+        assert kinds <= {"mv2_hidden", "mlp_hidden", "attn_conv"}
+        n_conv = sum(n for gid, n in meta["prune"]["removed"].items() if gid.startswith("attn_conv:"))
+        assert len(meta["architecture"].get("replaced", {})) == n_conv
+
+
+@pytest.mark.slow
+def test_spvit_pte_is_fully_delegated(tmp_path):
+    """A model whose attentions are all ConvAttention lowers to an fp32 XNNPACK .pte with every op delegated
+    and matches PyTorch in the ExecuTorch runtime (~2-6 min here)."""
+    from mobilevit_deploy.export import ExportConfig, export_model
+    from mobilevit_deploy.models import create_model, get_deploy_cfg
+    from mobilevit_deploy.pretrained import ModelSource
+    from mobilevit_deploy.prune.stage import write_pruned
+    from mobilevit_deploy.prune.structures import ALL_KINDS, groups
+    from mobilevit_deploy.prune.surgery import apply_plan
+
+    cfg = replace(get_deploy_cfg("mobilevit_xxs", 3, LABELS), input_size=(3, 64, 64), crop_pct=1.0)
+    torch.manual_seed(0)
+    m = create_model("mobilevit_xxs", deploy_cfg=cfg).eval()
+    plan = {g.id: [] for g in groups(m, ALL_KINDS) if g.kind == "attn_conv"}
+    pruned = apply_plan(m, plan)
+    w, _, meta = write_pruned(pruned, "mobilevit_xxs", tmp_path / "m")
+    assert len(meta["architecture"]["replaced"]) == 9
+    res = export_model(ModelSource("mobilevit_xxs", str(w)).load(), ExportConfig("executorch", verify=True),
+                       out_dir=tmp_path / "pte", log=None)
+    man = json.loads(Path(str(res.artifact) + ".json").read_text())
+    assert man["ops_not_delegated"] == []
+
+
 @pytest.mark.slow
 def test_end_to_end_finetune_and_onnx_export(ckpt, tmp_path, capsys):
     """taylor -> 0.6 x MACs -> 1 KD epoch through the trainer -> export the pruned checkpoint to ONNX (~2 min)."""
@@ -139,3 +187,26 @@ def test_end_to_end_finetune_and_onnx_export(ckpt, tmp_path, capsys):
     assert r.returncode == 0, r.stderr[-2000:]
     man = json.loads((tmp_path / "art" / "mobilevit_xxs.onnx.json").read_text())
     assert man["verification"]["passed"]
+
+
+@pytest.mark.slow
+def test_study_mini_with_scratch_row(tmp_path):
+    """benchmarks.prune_study --train-reference / --scratch on the tiny fixture (no .pte): the scratch row
+    has the pruned row's architecture (same params and MACs), trained for reference + fine-tune epochs."""
+    from benchmarks.prune_study import main as study
+
+    out = tmp_path / "study"
+    argv = ["--data", str(FIXTURE), "--train-reference", "1", "--train-size", "32", "--train-batch", "8",
+            "--methods", "magnitude", "--targets", "0.7", "--epochs", "1", "--scratch", "magnitude@0.7",
+            "--threads", "1", "--no-pte", "--out", str(out), "--json", str(tmp_path / "s.json"),
+            "--md", str(tmp_path / "s.md")]
+    assert study(argv) == 0
+    rows = {r["label"]: r for r in json.loads((tmp_path / "s.json").read_text())["rows"]}
+    assert set(rows) == {"reference", "magnitude@0.7", "scratch:magnitude@0.7"}
+    sc, pr = rows["scratch:magnitude@0.7"], rows["magnitude@0.7"]
+    assert sc["kind"] == "scratch" and sc["scratch_epochs"] == 2  # reference 1 + fine-tune 1
+    assert (sc["params"], sc["macs"]) == (pr["params"], pr["macs"])
+    meta = json.loads((out / "scratch_magnitude_0.7" / "model.json").read_text())
+    assert meta["epochs"] == 2 and "architecture" in meta
+    assert "scratch:magnitude@0.7" in (tmp_path / "s.md").read_text()
+    assert (tmp_path / "s.png").is_file()

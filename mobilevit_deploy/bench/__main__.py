@@ -58,6 +58,16 @@ def build_parser():
     p.add_argument("--compute-units", default="cpuOnly", choices=["all", "cpuAndNeuralEngine", "cpuAndGPU", "cpuOnly"],
                    help="Core ML compute units (macOS; default cpuOnly)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cascade", type=_csv, default=None, metavar="S1,S2",
+                   help="also time the cascade .pte of these stage sizes (e.g. 32,64) and its last stage alone "
+                        "over the 40 shipped sample images: rows pte_cascade / pte_last_stage (per-image latency, "
+                        "exit rate)")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: ETDump + Inspector profile of each .pte (fp32 beside every --quant "
+                        "scheme), per delegate call and per op, Converts and portable ops listed (bench/profile.py)")
+    p.add_argument("--runs", type=int, default=30, help="--profile: profiled inferences per artifact (default 30)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="model option for every benchmarked model (repeatable; YAML value), e.g. keep_rate=0.7")
     return p
 
 
@@ -72,6 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--tolerance must be > 0, got {args.tolerance}")
     if args.passes < 1 or args.retries < 0:
         raise UserError("--passes must be >= 1 and --retries >= 0")
+    if args.profile:
+        if args.reuse_artifacts and not args.artifacts:
+            raise UserError("--reuse-artifacts needs --artifacts DIR")
+        if args.runs < 1:
+            raise UserError(f"--runs must be >= 1, got {args.runs}")
+        from .profile import run_profile
+
+        return run_profile(args)
     reports = [load_device_report(p) for p in args.device_report]  # validate before any long work
     base = bl.load_baseline(args.baseline) if args.baseline else None
     drows = rp.device_rows(reports) if reports else None
@@ -92,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {p}")
         return 0
 
+    from ..models.options import parse_model_args
     from .harness import BenchConfig, BenchSession
 
     inherited = []
@@ -106,7 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = BenchConfig(models=args.models, targets=args.targets, quants=args.quant, size=args.size,
                       threads=args.threads, warmup=args.warmup, rounds=args.rounds, iters=args.iters,
                       weights=args.weights, artifacts_dir=args.artifacts,
-                      reuse_artifacts=args.reuse_artifacts, coreml_compute_units=args.compute_units)
+                      reuse_artifacts=args.reuse_artifacts, coreml_compute_units=args.compute_units,
+                      model_kwargs=parse_model_args(args.model_arg),
+                      cascade=tuple(args.cascade) if args.cascade else None)
     if args.reuse_artifacts and not args.artifacts:
         raise UserError("--reuse-artifacts needs --artifacts DIR")
     verdicts = None

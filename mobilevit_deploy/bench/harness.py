@@ -52,6 +52,8 @@ class BenchConfig:
     peak_n: int = 2048
     coreml_compute_units: str = "cpuOnly"  # Core ML on macOS: all | cpuAndNeuralEngine | cpuAndGPU | cpuOnly
     seed: int = 0
+    model_kwargs: dict = field(default_factory=dict)  # constructor options for every model (--model-arg)
+    cascade: tuple | None = None  # stage sizes, e.g. (32, 64): adds the pte_cascade / pte_last_stage rows (cascade.py)
 
     def validate(self):
         from ..models import list_models
@@ -73,6 +75,10 @@ class BenchConfig:
                 raise UserError(f"--{k} must be >= 1, got {getattr(self, k)}")
         if self.warmup < 0:
             raise UserError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.cascade:
+            from ..export.cascade import CascadeSpec
+
+            self.cascade = CascadeSpec(tuple(self.cascade)).sizes  # UserError for bad sizes
         if self.size is not None and self.size < 32:
             raise UserError(f"--size must be >= 32, got {self.size}")
         if self.weights not in ("shipped", "random"):
@@ -86,7 +92,7 @@ def _build_model(name: str, cfg: BenchConfig):
     from ..pretrained import load_model
 
     torch.manual_seed(cfg.seed)  # random-init weights are the same in every run (and artifacts reusable)
-    loaded = load_model(name, pretrained=cfg.weights == "shipped")
+    loaded = load_model(name, pretrained=cfg.weights == "shipped", model_kwargs=dict(cfg.model_kwargs) or None)
     model, dcfg = loaded.module, loaded.deploy_cfg
     size = cfg.size or get_default_size(name)
     if dcfg.image_size != (size, size):
@@ -232,6 +238,8 @@ class BenchSession:
             for target in cfg.targets:
                 for quant in cfg.quants:
                     self._add(name, target, quant, model, dcfg, x, ref_out, art_dir)
+            if cfg.cascade:
+                self._add_cascade(name, model, dcfg, art_dir)
         return self
 
     def _add(self, name, target, quant, model, dcfg, x, ref_out, art_dir):
@@ -269,6 +277,24 @@ class BenchSession:
         self.slots.append(slot)
         self.rows.append({"_slot": slot})
 
+    def _add_cascade(self, name, model, dcfg, art_dir):
+        from .cascade import cascade_rows
+
+        t0 = time.time()
+        try:
+            rows = cascade_rows(self, name, model, dcfg, art_dir)
+        except Exception as e:  # UserError (a size the model cannot take, ...) or a broken export: failed rows
+            for target in ("pte_cascade", "pte_last_stage"):
+                self.rows.append(_skipped((name, target, "fp32"), dcfg, self.cfg.threads,
+                                          f"{type(e).__name__}: {e}", status="failed"))
+            self.log(f"FAILED {name} cascade: {type(e).__name__}: {e}")
+            return
+        for key, bc in rows:
+            bc.info["prepare_s"] = round(time.time() - t0, 2)
+            slot = Timed(key, bc.fn, bc)
+            self.slots.append(slot)
+            self.rows.append({"_slot": slot})
+
     def measure(self) -> BenchSession:
         """One timing pass over every runner and the reference (round-robin)."""
         from .flops import make_matmul
@@ -288,6 +314,9 @@ class BenchSession:
         finally:
             if bar:
                 bar.close()
+        from .cascade import per_image
+
+        per_image(self.slots, cfg.rounds * cfg.iters, before)  # cascade rows: one call = a set of images
         self.passes.append({"ref_rounds": ref_rounds,
                             "slot_rounds": {s.key: s.round_medians[before[s.key]:] for s in self.slots}})
         return self
@@ -331,6 +360,11 @@ class BenchSession:
                 "check": s.runner.info.get("check"),
                 "accuracy": self.per_model[name]["weights"].get("accuracy"),
             }
+            extra = s.runner.info.get("row_extra")
+            if extra:  # cascade rows (bench/cascade.py): their own sizes, GFLOPs per image, exit rates
+                r.update(extra)
+                r["gflops_per_s"] = r["gflops"] / (st["median"] / 1e3)
+                r["peak_share"] = r["gflops_per_s"] / peak["gflops_per_s"]
             for ref_target in ("onnx", "eager"):
                 if (name, ref_target, "fp32") in by_key:
                     r[f"vs_{ref_target}_fp32"] = self._pass_ratio(s.key, (name, ref_target, "fp32"))

@@ -111,6 +111,10 @@ def export_model(source, config: ExportConfig | dict | str, *, out_dir="artifact
     try:
         t = time.perf_counter()
         loaded = source if isinstance(source, LoadedModel) else source.load(log)
+        if config.size is not None:
+            from .size import with_input_size
+
+            loaded = with_input_size(loaded, config.size, log)
         timings = {"load_model": time.perf_counter() - t}
         with ExportPipeline(loaded, config, out, calib=calib, log=log, timings=timings, started=started) as pipe:
             written = pipe.run()

@@ -1,7 +1,8 @@
 """`python -m mobilevit_deploy.export --target {coreml,executorch,onnx} [--model mobilevit_xxs]
 [--checkpoint PATH] [--num-classes N] [--out artifacts/] [--backend xnnpack|coreml] [--precision fp16|fp32]
 [--quant SCHEME [--calib-data DIR] [--calib-size N] [--keep-float LAYER,...|auto:N|none]
-[--calibration minmax|vit] [--weight-bits-budget B]]`
+[--calibration minmax|vit] [--weight-bits-budget B]] [--size H|HxW]
+[--cascade S1,S2 [--exit-data DIR] [--max-drop PTS]]`
 
 Thin: parse, build the ExportConfig once (`config_from_args`), call `export_model`, print one line
 per stage. Exit 0 on success, 2 on bad input (one `error:` line, nothing written), 1 when the
@@ -27,6 +28,9 @@ def build_parser():
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help=".safetensors or .pt weights; default: the shipped weights, else untrained (warned)")
     p.add_argument("--num-classes", type=int, default=None, metavar="N", help="classifier size of the checkpoint")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="model option (repeatable; YAML value), e.g. keep_rate=0.7, token_reduction=dynamicvit, "
+                        "gather=topk; a checkpoint's JSON model_kwargs are applied first")
     p.add_argument("--out", default="artifacts", metavar="DIR", help="output directory (default: artifacts/)")
     p.add_argument("--backend", default=None,
                    help="executorch: xnnpack (default, CPU) or coreml (ExecuTorch Core ML delegate for iOS)")
@@ -48,6 +52,16 @@ def build_parser():
     p.add_argument("--weight-bits-budget", type=float, default=None, metavar="B",
                    help="coreml palette-mixed: average weight bits over the palettized weights (default 6.0; "
                         "per-layer 4/6/8-bit palettes)")
+    p.add_argument("--size", default=None, metavar="H|HxW",
+                   help="input size of the exported graph, e.g. 256 or 256x192 (default: the weights' deploy size)")
+    p.add_argument("--cascade", default=None, metavar="S1,S2[,...]",
+                   help="coarse-to-fine cascade (coreml, executorch): one artifact with one graph per input size, "
+                        "smallest first (e.g. 32,64); stage 1 answers when its max softmax probability reaches the "
+                        "threshold chosen on --exit-data")
+    p.add_argument("--exit-data", default=None, metavar="DIR",
+                   help="--cascade: ImageFolder the exit threshold is chosen on (default: the 40 shipped samples)")
+    p.add_argument("--max-drop", type=float, default=None, metavar="PTS",
+                   help="--cascade: top-1 points the cascade may lose against its last stage alone (default 0.5)")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
     p.add_argument("-v", "--verbose", action="store_true", help="show the toolchain's own logs and progress bars")
     return p
@@ -60,6 +74,7 @@ def config_from_args(args, log=print) -> ExportConfig:
         "target": args.target, "backend": args.backend, "precision": args.precision, "verify": not args.no_verify,
         "quant": args.quant, "calib_data": args.calib_data, "calib_size": args.calib_size,
         "keep_float": args.keep_float, "calibration": args.calibration, "weight_bits_budget": args.weight_bits_budget,
+        "size": args.size, "cascade": args.cascade, "exit_data": args.exit_data, "max_drop": args.max_drop,
     })
     q = config.quant
     if q is None:
@@ -79,11 +94,13 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not args.verbose:
         quiet_toolchain()
+    from ..models.options import parse_model_args
     from ..pretrained import ModelSource
     from . import export_model
 
     config = config_from_args(args)
-    res = export_model(ModelSource(args.model, args.checkpoint, args.num_classes), config, out_dir=args.out)
+    src = ModelSource(args.model, args.checkpoint, args.num_classes, model_kwargs=parse_model_args(args.model_arg))
+    res = export_model(src, config, out_dir=args.out)
     v = res.manifest.get("verification")
     if v is not None and not v.get("passed", True):
         print(f"error: {res.artifact.name} failed verification (kept for inspection; see {res.manifest_path})",

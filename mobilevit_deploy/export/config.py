@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import UserError, choices_error
 from ..quantize import QuantConfig, get_config, lookup_scheme, parse_keep_float, schemes_accepting
+from .cascade import COREML_CASCADE_DEPLOYMENT_TARGET, CascadeSpec
 
 __all__ = ["ExportConfig", "TARGETS", "BACKENDS", "PRECISIONS", "COREML_DEPLOYMENT_TARGET", "artifact_path"]
 
@@ -36,7 +37,8 @@ COREML_DEPLOYMENT_TARGET = "iOS16"  # float ML program; W8A8 (coreml int8) needs
 # from_dict's flat form (what the CLI has): quantization options beside `quant` -> scheme config fields
 _FLAT_QUANT_OPTIONS = {"calib_data": "calib_data", "calib_size": "calib_size", "keep_float": "keep_float",
                        "calibration": "calibration", "weight_bits_budget": "budget_avg_bits"}
-_KEYS = ("target", "backend", "precision", "quant", "verify")
+_KEYS = ("target", "backend", "precision", "quant", "verify", "size", "cascade")
+_FLAT_CASCADE_OPTIONS = ("exit_data", "max_drop")  # from_dict's flat form: beside `cascade` (CascadeSpec fields)
 
 
 def artifact_path(out_dir, model_name: str, target: str, backend: str | None = None, quant: str | None = None) -> Path:
@@ -61,6 +63,8 @@ class ExportConfig:
     precision: str | None = None
     quant: QuantConfig | None = None
     verify: bool = True
+    size: tuple[int, int] | None = None  # input H, W of the exported graph; None: the weights' deploy size
+    cascade: CascadeSpec | None = None  # a coarse-to-fine cascade: one graph per stage size (export/cascade.py)
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -78,6 +82,11 @@ class ExportConfig:
         object.__setattr__(self, "precision", precision)
         if not isinstance(self.verify, bool):
             raise UserError(f"verify must be True or False, got {self.verify!r}")
+        from .size import parse_size
+
+        object.__setattr__(self, "size", parse_size(self.size))
+        if self.cascade is not None:
+            _check_cascade(self)
 
     # ------------------------------------------------------------------------------- derived facts
 
@@ -89,21 +98,25 @@ class ExportConfig:
     @property
     def deployment_target(self) -> str:
         """Core ML minimum deployment target: iOS16, or what the quantization scheme needs (int8: iOS17)."""
+        if self.cascade is not None:  # multi-function ML program
+            return COREML_CASCADE_DEPLOYMENT_TARGET
         return getattr(self.quant, "minimum_deployment_target", None) or COREML_DEPLOYMENT_TARGET
 
     def artifact_path(self, out_dir, model_name: str) -> Path:
-        return artifact_path(out_dir, model_name, self.target, self.backend, self.scheme)
+        stem = model_name + (self.cascade.suffix if self.cascade is not None else "")
+        return artifact_path(out_dir, stem, self.target, self.backend, self.scheme)
 
     def fp32(self) -> ExportConfig:
         """The float export of the same target and backend at fp32 (the quantized artifact's size baseline)."""
-        return ExportConfig(self.target, self.backend, "fp32", None, verify=False)
+        return ExportConfig(self.target, self.backend, "fp32", None, verify=False, size=self.size)
 
     # ------------------------------------------------------------------------------- (de)serialisation
 
     def to_dict(self) -> dict:
         quant = None if self.quant is None else {"scheme": self.quant.scheme, **self.quant.to_dict()}
         return {"target": self.target, "backend": self.backend, "precision": self.precision, "quant": quant,
-                "verify": self.verify}
+                "verify": self.verify, "size": None if self.size is None else list(self.size),
+                "cascade": None if self.cascade is None else self.cascade.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> ExportConfig:
@@ -112,10 +125,10 @@ class ExportConfig:
         None means not given). Calibration options are ignored by schemes that take no calibration."""
         if not isinstance(d, dict):
             raise UserError(f"an export config must be a mapping, got {type(d).__name__}")
-        unknown = set(d) - set(_KEYS) - set(_FLAT_QUANT_OPTIONS)
+        unknown = set(d) - set(_KEYS) - set(_FLAT_QUANT_OPTIONS) - set(_FLAT_CASCADE_OPTIONS)
         if unknown:
             raise UserError(f"unknown export config key(s) {', '.join(sorted(unknown))} "
-                            f"(valid: {', '.join(_KEYS + tuple(_FLAT_QUANT_OPTIONS))})")
+                            f"(valid: {', '.join(_KEYS + tuple(_FLAT_QUANT_OPTIONS) + _FLAT_CASCADE_OPTIONS)})")
         target = d.get("target") or "coreml"
         if target not in TARGETS:
             raise choices_error("target", target, TARGETS)
@@ -125,7 +138,9 @@ class ExportConfig:
         flat = {k: d[k] for k in _FLAT_QUANT_OPTIONS if d.get(k) is not None}
         quant = _quant_from(target, backend, d.get("quant"), flat)
         verify = d.get("verify", True)
-        return cls(target, backend, d.get("precision"), quant, True if verify is None else verify)
+        cascade = CascadeSpec.from_value(d.get("cascade"), *(d.get(k) for k in _FLAT_CASCADE_OPTIONS))
+        return cls(target, backend, d.get("precision"), quant, True if verify is None else verify, size=d.get("size"),
+                   cascade=cascade)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> ExportConfig:
@@ -136,6 +151,20 @@ class ExportConfig:
         except (OSError, yaml.YAMLError) as e:
             raise UserError(f"cannot read export config {path}: {e}") from None
         return cls.from_dict(d or {})
+
+
+def _check_cascade(config: ExportConfig) -> None:
+    """A cascade needs a multi-graph target, float stages, and no other input size than its last stage."""
+    from .cascade import check_target
+
+    if not isinstance(config.cascade, CascadeSpec):
+        raise UserError(f"cascade must be a CascadeSpec (export/cascade.py), got {type(config.cascade).__name__}")
+    check_target(config.target, config.backend, config.quant)
+    last = config.cascade.sizes[-1]
+    if config.size is not None and tuple(config.size) != (last, last):
+        raise UserError(f"--size {config.size[0]}x{config.size[1]} conflicts with --cascade "
+                        f"{','.join(map(str, config.cascade.sizes))}: a cascade's input size is its last stage's "
+                        f"({last}x{last}); leave out --size")
 
 
 def _check_backend_takes_quant(target: str, backend: str) -> None:

@@ -110,19 +110,42 @@ def decompose_for_xnnpack(ep, *, quantized_too: bool = False):
     return ep.run_decompositions({ln: layer_norm_for_xnnpack})
 
 
-def lower(ep, *, backend: str = "xnnpack", precision: str | None = None, minimum_deployment_target: str = "iOS16"):
+def lower(ep, *, backend: str = "xnnpack", precision: str | None = None, minimum_deployment_target: str = "iOS16",
+          timings: dict | None = None, trim_provenance: bool = True, decompose_quantized: bool = True):
     """`to_edge_transform_and_lower(ep, partitioner=[...]).to_executorch()`.
 
-    Returns (ExecutorchProgramManager, {op name: count} outside the delegate).
+    Returns (ExecutorchProgramManager, {op name: count} outside the delegate). `timings`, when
+    given, receives the seconds of each phase (et_lowering.py: decompositions, edge_dialect,
+    partitioning, delegate_preprocess, to_executorch). `trim_provenance` (default) keeps only the
+    direct parents and the root of FX's per-node provenance while lowering
+    (et_lowering.shallow_provenance: byte-identical program, faster lowering). `decompose_quantized`
+    (default): the LayerNorm rewrite for XNNPACK also in a quantized (pt2e / torchao) program, so the
+    int8 program is one delegate call with no LayerNorm left to the portable kernels
+    (benchmarks/profile_mobilevit_xxs_256.md).
     """
+    import contextlib
+
     from executorch.exir import to_edge_transform_and_lower
 
-    if backend == "xnnpack":
-        ep = decompose_for_xnnpack(ep)
-    parts = partitioners(backend, precision, minimum_deployment_target)
-    edge = to_edge_transform_and_lower(ep, partitioner=parts)
-    outside = ops_outside_delegate(edge.exported_program())
-    return edge.to_executorch(), outside
+    from .et_lowering import PhaseTimer, shallow_provenance
+
+    timer = PhaseTimer()
+    with shallow_provenance() if trim_provenance else contextlib.nullcontext():
+        with timer.phase("decompositions"):
+            if backend == "xnnpack":  # quantized programs too: one delegate call, no portable LayerNorm
+                ep = decompose_for_xnnpack(ep, quantized_too=decompose_quantized)
+        parts = partitioners(backend, precision, minimum_deployment_target)
+        with timer.executorch_phases(parts), timer.phase("to_edge_transform_and_lower"):
+            edge = to_edge_transform_and_lower(ep, partitioner=parts)
+        outside = ops_outside_delegate(edge.exported_program())
+        with timer.phase("to_executorch"):
+            program = edge.to_executorch()
+    if timings is not None:
+        s = dict(timer.s)
+        inner = sum(s.get(k, 0.0) for k in ("edge_dialect", "partitioning", "delegate_preprocess"))
+        s["other_lowering"] = max(0.0, s.pop("to_edge_transform_and_lower") - inner)  # op checks, passes between
+        timings.update(s)
+    return program, outside
 
 
 def save(et_program, path: str | os.PathLike) -> Path:

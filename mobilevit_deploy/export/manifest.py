@@ -114,6 +114,11 @@ def build_manifest(config, source, artifact: dict, *, verification: dict | None 
         "deploy_cfg": cfg.to_dict(),
         "timings_s": dict(timings_s or {}),
     }
+    size = getattr(config, "size", None)
+    h, w = cfg.image_size
+    # the exported graph's input size and where it came from (export --size, else the weights' DeployCfg)
+    m["input"]["size"] = {"height": h, "width": w, "from": "--size" if size is not None else "deploy_cfg",
+                          "weights_deploy_size": list((source.meta or {}).get("weights_deploy_size") or (h, w))}
     if extra:
         m.update(extra)
     return m

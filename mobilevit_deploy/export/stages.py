@@ -22,6 +22,11 @@ named stage (tests run them one by one, as ExecuTorch's XNNPACK tester does):
   for a quantized artifact its size against the fp32 artifact of the same target (lowered from the
   Capture stage's program) and its accuracy against the fp32 model on the shipped samples.
 - Write: rename into place, manifest beside it (manifest.py), atomically.
+
+A cascade (`config.cascade`, export/cascade.py) runs the same stages: Capture makes one program per stage
+size ({method name: program}), Lower uses `lowerer_for(config)` (one `.pte` with one method per stage, or
+one multi-function `.mlpackage`), Verify checks every stage and chooses the exit threshold, and Write
+adds the manifest's `cascade` section.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from .config import COREML_DEPLOYMENT_TARGET, ExportConfig
 __all__ = [
     "STAGES", "LOWERERS", "ExportContext", "ExportPipeline", "Captured", "Quantized", "Lowered", "Compressed",
     "Verified", "Written", "Capture", "Quantize", "Lower", "Compress", "Verify", "Write", "LoweredProgram",
+    "lowerer_for",
 ]
 
 
@@ -108,6 +114,7 @@ class Verified:
     compressed: Compressed
     verification: dict | None
     quantization: dict | None  # quant_info + size ratio and accuracy against fp32
+    cascade: dict | None = None  # a cascade's manifest section (stages, exit rule, threshold selection)
 
 
 @dataclass
@@ -129,14 +136,24 @@ def lower_coreml(program, deploy_cfg, config: ExportConfig, name: str, scheme: s
     _, h, w = deploy_cfg.input_size
     what = (f"Core ML ML program, {config.precision}, image input {w}x{h} RGB, {deploy_cfg.num_classes} labels, "
             f"minimum deployment target {dt}")
-    return LoweredProgram(mlmodel, coreml.save, what, extra={"minimum_deployment_target": dt})
+    from .coreml_ane import ane_report  # ops the Neural Engine is known not to run (static, from the MIL program)
+
+    ane = ane_report(mlmodel)
+    what += ("; Neural Engine static check: clean" if ane["clean"] else
+             "; Neural Engine static check: " + ", ".join(f"{k} x{v}" for k, v in ane["counts"].items()))
+    return LoweredProgram(mlmodel, coreml.save, what, extra={"minimum_deployment_target": dt,
+                                                             "neural_engine_static": ane})
+
+
+LOWER_PHASES_KEY = "_lower_phases_s"  # LoweredProgram.extra: {phase: seconds} of the lowerer
 
 
 def lower_executorch(program, deploy_cfg, config: ExportConfig, name: str, scheme: str = "fp32") -> LoweredProgram:
     from . import executorch as et
 
+    phases: dict = {}
     et_program, outside = et.lower(program, backend=config.backend, precision=config.precision,
-                                   minimum_deployment_target=COREML_DEPLOYMENT_TARGET)
+                                   minimum_deployment_target=COREML_DEPLOYMENT_TARGET, timings=phases)
     n_out = sum(outside.values())
     extra = {}
     if config.backend == "xnnpack":
@@ -149,6 +166,7 @@ def lower_executorch(program, deploy_cfg, config: ExportConfig, name: str, schem
                 f"{COREML_DEPLOYMENT_TARGET}; "
                 + (f"{n_out} ops outside the delegate: " + ", ".join(outside) if outside else "every op delegated"))
     extra["ops_not_delegated_counts"] = outside
+    extra[LOWER_PHASES_KEY] = phases  # moved into the manifest's timings_s by the Lower stage
     return LoweredProgram(et_program, et.save, what, ops_outside=outside, extra=extra)
 
 
@@ -166,6 +184,16 @@ LOWERERS: dict[str, Callable[..., LoweredProgram]] = {
     "executorch": lower_executorch,
     "onnx": lower_onnx,
 }
+
+
+def lowerer_for(config: ExportConfig) -> Callable[..., LoweredProgram]:
+    """`LOWERERS[target]`, or for a cascade the multi-stage lowerer (export/cascade.py), which takes the
+    Capture stage's {stage name: program} and returns one program with one method / function per stage."""
+    if config.cascade is not None:
+        from .cascade import CASCADE_LOWERERS
+
+        return CASCADE_LOWERERS[config.target]
+    return LOWERERS[config.target]
 
 
 # ----------------------------------------------------------------------------------------- stages
@@ -192,6 +220,10 @@ class Capture(Stage):
     def _run(self, source: LoadedModel, ctx: ExportContext) -> Captured:
         from . import capture as cap
 
+        if ctx.config.cascade is not None:  # one program per stage size: {stage name: ExportedProgram}
+            from .cascade import capture_stages
+
+            return capture_stages(source, ctx)
         cfg = source.deploy_cfg
         t = time.perf_counter()
         module = source.module
@@ -232,9 +264,11 @@ class Lower(Stage):
     def _run(self, quantized: Quantized, ctx: ExportContext) -> Lowered:
         source = quantized.captured.source
         t = time.perf_counter()
-        lowered = LOWERERS[ctx.config.target](quantized.program, source.deploy_cfg, ctx.config, source.name,
-                                              ctx.config.scheme or "fp32")
+        lowered = lowerer_for(ctx.config)(quantized.program, source.deploy_cfg, ctx.config, source.name,
+                                          ctx.config.scheme or "fp32")
         ctx.timings["lower"] = time.perf_counter() - t
+        for k, v in (lowered.extra.pop(LOWER_PHASES_KEY, None) or {}).items():  # the lowerer's own phases
+            ctx.timings[f"lower.{k}"] = v
         ctx.log(f"lower: {lowered.description} ({ctx.timings['lower']:.1f} s)")
         return Lowered(quantized, lowered)
 
@@ -252,7 +286,9 @@ class Compress(Stage):
             program, reference, info = done.mlmodel, done.reference, {**info, **done.info}
             ctx.timings["compress"] = time.perf_counter() - t
             ctx.log(f"compress: {q.config.scheme} weights of the Core ML program ({ctx.timings['compress']:.1f} s)")
+        t = time.perf_counter()
         lowered.lowered.save(program, ctx.staged)
+        ctx.timings["serialize"] = time.perf_counter() - t
         return Compressed(lowered, ctx.staged, artifact_size(ctx.staged), reference, info)
 
 
@@ -360,6 +396,8 @@ class Verify(Stage):
         source = compressed.lowered.quantized.captured.source
         verification = None
         t = time.perf_counter()
+        if ctx.config.cascade is not None:
+            return self._run_cascade(compressed, source, ctx, t)
         if ctx.config.verify:
             # a quantized artifact is checked against its own torch-side module (faithful lowering);
             # its accuracy against fp32 goes into the `quantization` block
@@ -373,6 +411,23 @@ class Verify(Stage):
             ctx.log("verify: skipped (verify=False)")
         quantization = measure_quantization(compressed, ctx) if q is not None else None
         return Verified(compressed, verification, quantization)
+
+    @staticmethod
+    def _run_cascade(compressed: Compressed, source: LoadedModel, ctx: ExportContext, t: float) -> Verified:
+        """Every stage against eager at its size, then the exit threshold on the exit images (cascade.py)."""
+        from .cascade import describe_verification, select_threshold, verify_cascade
+
+        verification = None
+        if ctx.config.verify:
+            verification = verify_cascade(compressed.staged, compressed.reference, source.deploy_cfg, ctx.config)
+            ctx.timings["verify"] = time.perf_counter() - t
+            ctx.log(f"verify: {describe_verification(verification)} ({ctx.timings['verify']:.1f} s)")
+        else:
+            ctx.log("verify: skipped (verify=False)")
+        t = time.perf_counter()
+        section = select_threshold(compressed.staged, source, ctx.config, ctx.log)
+        ctx.timings["threshold"] = time.perf_counter() - t
+        return Verified(compressed, verification, None, section)
 
 
 class Write(Stage):
@@ -388,9 +443,10 @@ class Write(Stage):
         source = compressed.lowered.quantized.captured.source
         final, staged = ctx.final, compressed.staged
         artifact = {"file": final.name, "sha256": file_sha256(staged), "size_bytes": compressed.size_bytes}
+        extra = lowered.extra if verified.cascade is None else {**lowered.extra, "cascade": verified.cascade}
         manifest = build_manifest(ctx.config, source, artifact, verification=verified.verification,
                                   quantization=verified.quantization, ops_not_delegated=list(lowered.ops_outside),
-                                  extra=lowered.extra)
+                                  extra=extra)
         mpath = manifest_path_for(final)
         replace_dir(staged, final) if staged.is_dir() else os.replace(staged, final)
         try:
@@ -424,7 +480,9 @@ class ExportPipeline:
                  log: Callable[[str], None] | None = print, timings: dict | None = None, started: float | None = None):
         out = Path(out_dir)
         final = config.artifact_path(out, source.name)
-        self._staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging.", dir=out))
+        from .staging import make_staging_dir  # removes stale ones a killed export left, not a live run's
+
+        self._staging = make_staging_dir(out, final.name, log or (lambda s: None))
         self.ctx = ExportContext(config, final, self._staging / final.name, calib, log or (lambda s: None),
                                  dict(timings or {}), started if started is not None else time.perf_counter())
         self.source = source

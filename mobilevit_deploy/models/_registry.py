@@ -62,6 +62,10 @@ def create_model(
     cfg = deploy_cfg or get_deploy_cfg(name, num_classes, labels)
     if name not in _MODELS:
         raise choices_error("model", name, sorted(_MODELS))
+    if checkpoint is not None:  # options the weights were trained with (checkpoint JSON `model_kwargs`); explicit win
+        from .options import recorded_model_kwargs
+
+        kwargs = {**recorded_model_kwargs(checkpoint), **kwargs}
     try:
         model = _MODELS[name](num_classes=cfg.num_classes, **kwargs)
     except TypeError as e:

@@ -5,7 +5,8 @@
 
 Modules: `structures` (prunable groups and the weight slices of each unit), `surgery` (removal on
 module instances), `record` (the architecture record in model.json and `apply_architecture`),
-`cost` (MACs, counted and predicted), `importance` (taylor, magnitude, nvit, slim, vtp),
+`cost` (MACs, counted and predicted), `importance` (taylor, magnitude, nvit, slim, vtp, wd, spvit),
+`modules` (ConvAttention, spvit's convolutional replacement of an attention layer),
 `budget` (global importance / cost allocation), `latency` (the .pte latency table), `stage`
 (`PruneConfig`, `prune`: the whole stage with KD fine-tuning). See docs/pruning.md.
 

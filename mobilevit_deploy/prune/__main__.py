@@ -2,7 +2,8 @@
 [--method taylor|magnitude|slim|vtp|nvit|wd|spvit] [--epochs N] [--no-distill] --out DIR`
 
 Structured pruning into a smaller dense model: scores every prunable structure (MV2 expansion
-channels, transformer width, attention heads, MLP hidden units, whole transformer layers), removes
+channels, transformer width, attention heads, MLP hidden units, whole transformer layers; with
+spvit, attention layers turned into convolutions), removes
 the least important per unit of cost until the MACs (or predicted .pte latency) are R x those of
 the unpruned model, fine-tunes with KD from the unpruned model, and writes DIR/model.safetensors +
 DIR/model.json (with the architecture record: `create_model(name, checkpoint=DIR/model.safetensors)`
@@ -30,7 +31,8 @@ def build_parser():
     g.add_argument("--target-latency", type=float, metavar="R",
                    help="keep this fraction of the .pte latency, in (0, 1] (NViT latency table, cached)")
     p.add_argument("--method", default="taylor", metavar="|".join(METHODS),
-                   help="importance: taylor (default), magnitude, slim, vtp, nvit (wd, spvit: not implemented yet)")
+                   help="importance: taylor (default), magnitude, slim, vtp, nvit, wd (WDPruning: width masks + "
+                        "depth by shallow classifiers), spvit (attention -> convolution gates + MLP/MV2 masks)")
     p.add_argument("--epochs", type=int, default=1, help="KD fine-tuning epochs after pruning (default 1; 0: none)")
     p.add_argument("--no-distill", action="store_true",
                    help="fine-tune on the labels only (no KD from the unpruned model)")

@@ -68,6 +68,8 @@ def allocate(cost: CostModel, scores: dict[str, torch.Tensor], target: float,
             nxt.sizes[gid] = size - n
             if kind == "layers":
                 nxt.dropped.setdefault(gid.partition(":")[2], set()).update(units)
+            elif kind == "attn_conv":
+                nxt.conv.setdefault(gid.partition(":")[2], set()).update(units)
             saving = cur - float(cost_fn(nxt))
             if saving <= 0:
                 continue
@@ -102,8 +104,11 @@ def unit_costs(cost: CostModel, gids, cost_fn: Callable[[State], float] | None =
         n = min(STEP[kind], s0.sizes[gid])
         nxt = s0.copy()
         nxt.sizes[gid] -= n
-        if kind == "layers":
-            nxt.dropped.setdefault(path, set()).add(0)
+        if kind in ("layers", "attn_conv"):
+            # a layer's saving (the first layer not converted yet, for attn_conv)
+            first = min(set(range(s0.sizes[gid])) - s0.conv.get(path, set()), default=0)
+            (nxt.dropped if kind == "layers" else nxt.conv).setdefault(path, set()).add(first if kind == "attn_conv"
+                                                                                      else 0)
             n = 1
         out[gid] = max(base - float(cost_fn(nxt)), 0.0) / n
     return out
@@ -114,9 +119,9 @@ def describe_removed(removed: dict) -> str:
     by_kind: dict[str, list[int]] = {}
     for gid, r in removed.items():
         by_kind.setdefault(gid.split(":")[0], []).append(r)
-    unit = {"mv2_hidden": " ch", "vit_width": " ch", "heads": "", "mlp_hidden": "", "layers": ""}
+    unit = {"mv2_hidden": " ch", "vit_width": " ch", "heads": "", "mlp_hidden": "", "layers": "", "attn_conv": ""}
     parts = []
-    for kind in ("mv2_hidden", "vit_width", "heads", "mlp_hidden", "layers"):
+    for kind in ("mv2_hidden", "vit_width", "heads", "mlp_hidden", "layers", "attn_conv"):
         if kind in by_kind:
             rs = by_kind[kind]
             parts.append(f"{kind} -{sum(rs)}{unit[kind]} ({len(rs)} group{'s' if len(rs) > 1 else ''})")

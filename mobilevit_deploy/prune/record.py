@@ -7,7 +7,12 @@ checkpoint's sibling JSON (`DIR/model.safetensors` -> `DIR/model.json`), from wh
      "modules": {"stages.1.0.conv1_1x1.conv": {"type": "Conv2d", "in_channels": 16, "out_channels": 24,
                                               "groups": 1}, ...},   # every module whose shape changed
      "attrs": {"stages.2.1.transformer.0.attn": {"num_heads": 3, "head_dim": 16, "scale": 0.25}, ...},
+     "replaced": {"stages.3.1.transformer.1.attn": {"type": "ConvAttention", "dim": 80, "num_heads": 4,
+                                                    "head_dim": 20, "kernel_size": 3, "bias": true}},
      "summary": {...}}                                              # per-block widths, for people
+
+`replaced` (spvit) names modules of another type than the standard model's at that path (paths after
+the layer removal), built from their spec (prune/modules.py) before the recorded shapes are applied.
 
 The record is generic (per-module shapes and attributes, relative to the standard model of the same
 name): `apply_architecture(model, record)` removes the recorded layers, shrinks each recorded module
@@ -69,6 +74,29 @@ def _remove_layers(model: nn.Module, sequential: dict) -> None:
         setattr(parent, attr, new)
 
 
+def _replaced(model: nn.Module) -> dict:
+    from .modules import is_conv_attention
+
+    return {p: m.spec() for p, m in model.named_modules() if is_conv_attention(m)}
+
+
+def _replace_modules(model: nn.Module, replaced: dict) -> None:
+    from ..errors import CheckpointError
+    from .modules import ConvAttention
+
+    for path, spec in replaced.items():
+        if not isinstance(spec, dict) or spec.get("type") != "ConvAttention":
+            raise CheckpointError(f"architecture record: cannot build {spec!r} at {path!r}")
+        parent_path, _, attr = path.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_path) if parent_path else model
+            getattr(parent, attr)
+            mod = ConvAttention.from_spec(spec)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise CheckpointError(f"architecture record: cannot replace {path!r} by {spec}") from None
+        setattr(parent, attr, mod)
+
+
 def summary(model: nn.Module) -> dict:
     """Per-block widths: {"mv2_hidden": {path: n}, "vit": {path: {"width", "layers": [...]}}}."""
     from .structures import is_mobilevit_block, is_mv2
@@ -81,7 +109,9 @@ def summary(model: nn.Module) -> dict:
             kept = list(getattr(m.transformer, "_prune_kept", range(len(m.transformer))))
             vit[path] = {"width": m.conv_1x1.out_channels, "kept_layers": kept,
                          "layers": [{"heads": t.attn.num_heads, "head_dim": t.attn.head_dim,
-                                     "mlp_hidden": t.mlp.fc1.out_features} for t in m.transformer]}
+                                     "mlp_hidden": t.mlp.fc1.out_features,
+                                     **({"attention": "conv"} if getattr(t.attn, "is_conv_attention", False)
+                                        else {})} for t in m.transformer]}
     return {"mv2_hidden": mv2, "vit": vit}
 
 
@@ -90,6 +120,8 @@ def architecture_of(model: nn.Module, name: str) -> dict:
     std = _standard(name, model)
     sequential = _kept_layers(model)
     _remove_layers(std, sequential)
+    replaced = _replaced(model)
+    _replace_modules(std, replaced)
     std_mods = dict(std.named_modules())
     modules, attrs = {}, {}
     for path, m in model.named_modules():
@@ -101,8 +133,11 @@ def architecture_of(model: nn.Module, name: str) -> dict:
         own = {a: getattr(m, a) for a in _ATTRS if isinstance(getattr(m, a, None), (int, float))}
         if "scale" in own or any(own[a] != getattr(s, a, None) for a in own):
             attrs[path] = {a: (float(v) if a == "scale" else int(v)) for a, v in own.items()}
-    return {"format": FORMAT, "model": name, "sequential": sequential, "modules": modules, "attrs": attrs,
-            "summary": summary(model)}
+    rec = {"format": FORMAT, "model": name, "sequential": sequential, "modules": modules, "attrs": attrs}
+    if replaced:
+        rec["replaced"] = replaced
+    rec["summary"] = summary(model)
+    return rec
 
 
 def apply_architecture(model: nn.Module, record: dict, name: str | None = None) -> nn.Module:
@@ -120,6 +155,7 @@ def apply_architecture(model: nn.Module, record: dict, name: str | None = None) 
         raise CheckpointError(f"the checkpoint is a pruned {record['model']}, not {name} "
                               f"(pass --model {record['model']})")
     _remove_layers(model, record.get("sequential", {}))
+    _replace_modules(model, record.get("replaced", {}))
     for path, spec in record.get("modules", {}).items():
         try:
             mod = model.get_submodule(path)

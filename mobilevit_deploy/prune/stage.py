@@ -217,6 +217,10 @@ def _load_checked(cfg: PruneConfig, say):
     loaded = ModelSource(cfg.model, cfg.checkpoint).load(say)
     model, dcfg, name = loaded.module, loaded.deploy_cfg, loaded.name
     check_supported(model, name)
+    from .structures import is_mobilevit
+
+    if cfg.target_kind == "latency" and not is_mobilevit(model):
+        raise UserError(f"--target-latency needs the MobileViT latency table; prune {name} with --target-macs")
     labels = list(dcfg.class_labels)
     if labels != list(classes):
         raise DataError(f"the class folders of {cfg.data} ({', '.join(classes)}) are not the labels of the model "
@@ -229,12 +233,13 @@ def _load_checked(cfg: PruneConfig, say):
 
 def _score_units(cfg: PruneConfig, model, train_s, dcfg, say) -> dict:
     """Raw importance scores of the prunable units (calibration batches of train images if the method needs data)."""
-    from .importance import NEEDS_DATA, score
+    from .importance import CALIB_BATCHES_MIN, NEEDS_DATA, score
 
     t = time.perf_counter()
     batches = []
     if cfg.method in NEEDS_DATA:
-        batches = calibration_batches(train_s, dcfg, cfg.calib_batches, cfg.batch_size, cfg.seed)
+        n = max(cfg.calib_batches, CALIB_BATCHES_MIN.get(cfg.method, 0))
+        batches = calibration_batches(train_s, dcfg, n, cfg.batch_size, cfg.seed)
     raw = score(model, cfg.method, batches, steps=cfg.mask_steps, l1=cfg.mask_l1, log=say)
     what = f"{len(batches)} batch(es) of {len(batches[0][1])} train images" if batches else "the weights"
     say(f"score: {cfg.method} on {what}, {sum(v.numel() for v in raw.values())} units in {len(raw)} groups "

@@ -8,6 +8,12 @@ A *group* is one place in the network whose size can shrink, made of interchange
   heads        a transformer layer's attention    one attention head       1 head        1
   mlp_hidden   a transformer layer's MLP          one hidden unit          8 units       8
   layers       a MobileViT block                  one transformer layer    1 layer       1
+  ffn_hidden   a CMT block's IRFFN                one hidden channel       8 channels    8
+               (conv1 out + BN, depthwise proj + proj_bn, conv2 in; CMT's LMHSA heads are not prunable
+               here: the relative position bias is one parameter per stage, shared by its blocks)
+  attn_conv    a MobileViT block                  one layer's attention    1 layer       0
+               (SPViT: the attention is turned into a ConvAttention, prune/modules.py; not in KINDS,
+               scored only by `spvit`)
 
 `vit_width` is the residual stream of the block's transformer: conv_1x1's output channels, every
 layer's norm1 / qkv input / proj output / norm2 / fc1 input / fc2 output, the final norm and
@@ -28,9 +34,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-KINDS = ("mv2_hidden", "vit_width", "heads", "mlp_hidden", "layers")
-STEP = {"mv2_hidden": 8, "vit_width": 8, "heads": 1, "mlp_hidden": 8, "layers": 1}
-MIN_KEEP = {"mv2_hidden": 8, "vit_width": 16, "heads": 1, "mlp_hidden": 8, "layers": 1}
+from .modules import is_conv_attention
+
+KINDS = ("mv2_hidden", "vit_width", "heads", "mlp_hidden", "layers", "ffn_hidden")
+ALL_KINDS = KINDS + ("attn_conv",)  # attn_conv: an attention layer turned into a convolution (spvit)
+STEP = {"mv2_hidden": 8, "vit_width": 8, "heads": 1, "mlp_hidden": 8, "layers": 1, "attn_conv": 1, "ffn_hidden": 8}
+MIN_KEEP = {"mv2_hidden": 8, "vit_width": 16, "heads": 1, "mlp_hidden": 8, "layers": 1, "attn_conv": 0,
+            "ffn_hidden": 8}
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,11 @@ def is_mobilevit_block(m: nn.Module) -> bool:
     return all(hasattr(m, a) for a in ("conv_1x1", "transformer", "norm", "conv_proj", "unfold", "fold"))
 
 
+def is_irffn(m: nn.Module) -> bool:
+    """CMT's inverted residual FFN (models/cmt.py IRFFN: conv1 = [1x1 conv, GELU, BN], proj, proj_bn, conv2)."""
+    return all(hasattr(m, a) for a in ("conv1", "proj", "proj_act", "proj_bn", "conv2"))
+
+
 def is_mobilevit(model: nn.Module) -> bool:
     return any(is_mobilevit_block(m) for m in model.modules())
 
@@ -87,9 +102,9 @@ def is_mobilevit(model: nn.Module) -> bool:
 def check_supported(model: nn.Module, name: str | None = None) -> None:
     from ..errors import UserError
 
-    if not is_mobilevit(model):
-        raise UserError(f"pruning supports the MobileViT models (mobilevit_xxs/xs/s); {name or type(model).__name__} "
-                        "has no MobileViT block (CMT structures are not implemented yet)")
+    if not any(is_mobilevit_block(m) or is_irffn(m) for m in model.modules()):
+        raise UserError(f"pruning supports MobileViT (mobilevit_xxs/xs/s) and CMT (IRFFN hidden channels); "
+                        f"{name or type(model).__name__} has neither MobileViT blocks nor IRFFNs")
 
 
 def _sub(model: nn.Module, path: str) -> nn.Module:
@@ -103,17 +118,21 @@ def groups(model: nn.Module, kinds=KINDS) -> list[Group]:
     for path, m in model.named_modules():
         if is_mv2(m) and "mv2_hidden" in kinds:
             out.append(Group("mv2_hidden", path, m.conv1_1x1.conv.out_channels))
+        elif is_irffn(m) and "ffn_hidden" in kinds:
+            out.append(Group("ffn_hidden", path, m.conv1[0].out_channels))
         elif is_mobilevit_block(m):
             if "vit_width" in kinds:
                 out.append(Group("vit_width", path, m.conv_1x1.out_channels))
             for i, layer in enumerate(m.transformer):
                 lp = f"{path}.transformer.{i}"
-                if "heads" in kinds:
+                if "heads" in kinds and not is_conv_attention(layer.attn):
                     out.append(Group("heads", f"{lp}.attn", layer.attn.num_heads))
                 if "mlp_hidden" in kinds:
                     out.append(Group("mlp_hidden", f"{lp}.mlp", layer.mlp.fc1.out_features))
             if "layers" in kinds:
                 out.append(Group("layers", path, len(m.transformer)))
+            if "attn_conv" in kinds:
+                out.append(Group("attn_conv", path, len(m.transformer)))
     return out
 
 
@@ -148,8 +167,9 @@ def couplings(model: nn.Module, group: Group) -> list[Coupling]:
         cs = [Coupling(f"{p}.conv_1x1", m.conv_1x1, "out", _ar(n))]
         for i, layer in enumerate(m.transformer):
             lp = f"{p}.transformer.{i}"
+            a_in = ("v", layer.attn.v) if is_conv_attention(layer.attn) else ("qkv", layer.attn.qkv)
             cs += [Coupling(f"{lp}.norm1", layer.norm1, "norm", _ar(n)),
-                   Coupling(f"{lp}.attn.qkv", layer.attn.qkv, "in", _ar(n)),
+                   Coupling(f"{lp}.attn.{a_in[0]}", a_in[1], "in", _ar(n)),
                    Coupling(f"{lp}.attn.proj", layer.attn.proj, "out", _ar(n)),
                    Coupling(f"{lp}.norm2", layer.norm2, "norm", _ar(n)),
                    Coupling(f"{lp}.mlp.fc1", layer.mlp.fc1, "in", _ar(n)),
@@ -163,6 +183,14 @@ def couplings(model: nn.Module, group: Group) -> list[Coupling]:
         qkv_units = (_ar(3 * h * e) // e) % h
         return [Coupling(f"{group.path}.qkv", m.qkv, "out", qkv_units),
                 Coupling(f"{group.path}.proj", m.proj, "in", _ar(h * e) // e)]
+    if k == "ffn_hidden":
+        n = m.conv1[0].out_channels
+        p = group.path
+        return [Coupling(f"{p}.conv1.0", m.conv1[0], "out", _ar(n)),
+                Coupling(f"{p}.conv1.2", m.conv1[2], "norm", _ar(n)),
+                Coupling(f"{p}.proj", m.proj, "out", _ar(n)),  # depthwise: in follows out
+                Coupling(f"{p}.proj_bn", m.proj_bn, "norm", _ar(n)),
+                Coupling(f"{p}.conv2.0", m.conv2[0], "in", _ar(n))]
     if k == "mlp_hidden":
         n = m.fc1.out_features
         return [Coupling(f"{group.path}.fc1", m.fc1, "out", _ar(n)),

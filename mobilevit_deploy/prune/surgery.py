@@ -126,6 +126,10 @@ def _keep_indices(c: Coupling, keep_units: torch.Tensor) -> torch.Tensor:
 def _renumber_heads(attn: nn.Module, keep_units: torch.Tensor) -> None:
     # head count shrinks; head_dim and the softmax scale stay those of the unpruned model
     attn.num_heads = len(keep_units)
+    m = getattr(attn, "_spvit_map", None)  # spvit's head-to-position mapping follows the kept heads
+    if m is not None and m.shape[1] > len(keep_units):
+        m = m[:, keep_units]
+        attn._spvit_map = m / m.sum(1, keepdim=True).clamp_min(1e-12)
 
 
 def prune_group(model: nn.Module, group: Group, keep_units: Sequence[int]) -> None:
@@ -159,16 +163,40 @@ def prune_layers(model: nn.Module, block_path: str, keep_layers: Sequence[int]) 
     block.transformer = new
 
 
+def convert_attention(model: nn.Module, attn_path: str, kernel_size: int = 3) -> None:
+    """SPViT: replace the attention at `attn_path` by a ConvAttention built from its weights (prune/modules.py),
+    with the head-to-position mapping learned by `spvit` scoring (`attn._spvit_map`; uniform if absent)."""
+    from .modules import conv_from_attention, is_conv_attention
+
+    parent_path, _, name = attn_path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    attn = getattr(parent, name)
+    if is_conv_attention(attn):
+        return
+    setattr(parent, name, conv_from_attention(attn, getattr(attn, "_spvit_map", None), kernel_size))
+
+
 def apply_plan(model: nn.Module, plan: Mapping[str, Sequence[int]]) -> nn.Module:
-    """Apply `{group_id: kept units}` in place; groups not in the plan keep everything. Returns model."""
-    by_id = {g.id: g for g in groups(model)}
+    """Apply `{group_id: kept units}` in place; groups not in the plan keep everything. Returns model.
+    Order: channel / head groups, then attention -> convolution (`attn_conv`: the kept units are the
+    layers that stay attention), then whole layers."""
+    from .structures import ALL_KINDS
+
+    by_id = {g.id: g for g in groups(model, ALL_KINDS)}
     unknown = [gid for gid in plan if gid not in by_id]
     if unknown:
         raise KeyError(f"plan names groups this model does not have: {unknown[:3]}")
     for gid, keep in plan.items():
         g = by_id[gid]
-        if g.kind != "layers":
+        if g.kind not in ("layers", "attn_conv"):
             prune_group(model, g, keep)
+    for gid, keep in plan.items():
+        g = by_id[gid]
+        if g.kind == "attn_conv":
+            block = model.get_submodule(g.path)
+            for i in range(len(block.transformer)):
+                if i not in set(int(k) for k in keep):
+                    convert_attention(model, f"{g.path}.transformer.{i}.attn")
     for gid, keep in plan.items():
         g = by_id[gid]
         if g.kind == "layers":

@@ -102,6 +102,7 @@ class DistillConfig:
     manifold_sample: float = 1.0  # inter-image (sample-level) relation term
     manifold_rand: float = 1.0  # randomly sampled patches across the batch
     manifold_k: int = 192  # number of randomly sampled patches
+    token_weight: float = 0.0  # DynamicViT token distillation (MSE on the kept final tokens; paper 0.5)
 
 
 @dataclass
@@ -128,6 +129,7 @@ class TrainConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     multisize: MultisizeConfig = field(default_factory=MultisizeConfig)
     label_smoothing: float = 0.0
+    token_ratio_weight: float = 2.0  # DynamicViT ratio loss (paper lambda_ratio 2); models with learned pruning only
     seed: int = 0
     amp: str = "auto"  # auto | bf16 | fp32 (bf16 autocast on CPU or GPU)
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
@@ -310,5 +312,5 @@ def validate(cfg: TrainConfig) -> None:
         if not isinstance(s, int) or s <= 0:
             raise UserError(f"multisize.eval_sizes: {s!r} is not a positive integer")
     kd = cfg.distill
-    if kd.teacher is None and (kd.kd_weight or kd.manifold_weight):
-        raise UserError("distill.kd_weight / manifold_weight need distill.teacher")
+    if kd.teacher is None and (kd.kd_weight or kd.manifold_weight or kd.token_weight):
+        raise UserError("distill.kd_weight / manifold_weight / token_weight need distill.teacher")

@@ -445,6 +445,12 @@ def _step_loss(run: _Run, x, y):
                 t_logits = run.teacher.forward_head(t_feats)
         ms_terms = multisize_kd(run.model, x, logits, ms.sizes, ms.kd_temperature) if ms.enabled else {}  # SuperViT
     lo = run.crit(logits, y, feats, t_logits, t_feats)
+    from .token_losses import dynamicvit_terms
+
+    tw = {"ratio": run.cfg.token_ratio_weight, "token_kd": run.cfg.distill.token_weight}
+    for k, v in dynamicvit_terms(run.model, t_feats).items():  # DynamicViT's ratio and token distillation losses
+        lo.total = lo.total + tw[k] * v
+        lo.parts[k] = v.detach()
     for k, v in ms_terms.items():
         lo.total = lo.total + ms.kd_weight * v
         lo.parts[k] = v.detach()
@@ -565,6 +571,8 @@ def _finish(run: _Run, recipe_path) -> TrainResult:
                 "val_top1_note": "measured during training on the val split with data.eval_transform(deploy_cfg), fp32",
                 "weights": "ema" if final is not run.model else "raw", "sha256": file_sha256(w),
                 "deploy_cfg": run.dcfg.to_dict()}
+        if cfg.model.kwargs:  # constructor options (img_size, token reduction, ...): create_model reads them back
+            meta["model_kwargs"] = cfg.model.kwargs
         if cfg.model.init_checkpoint:  # a pruned starting point: its architecture record travels with the weights
             from ..prune.record import recorded_architecture
 

@@ -67,10 +67,27 @@ def _run_summary(run: Path) -> dict:
         out["train_time_s"] = round(train_s + sum(r.get("val_time_s", 0.0) for r in rows), 1)
         out["train_img_per_s"] = round(sum(r.get("images", 0) for r in rows) / max(train_s, 1e-9), 1)
     if cpath.is_file():
-        ms = (yaml.safe_load(cpath.read_text()) or {}).get("multisize") or {}
+        cfg = yaml.safe_load(cpath.read_text()) or {}
+        ms = cfg.get("multisize") or {}
         if ms.get("enabled"):
             out["multisize"] = {k: ms[k] for k in ("sizes", "kd_weight", "kd_temperature") if k in ms}
+        init = (cfg.get("model") or {}).get("init_checkpoint")
+        if init:  # a continued run: record what it started from (the earlier stage's own JSON, if beside it)
+            out["init_from"] = _lineage(Path(init))
     return out
+
+
+def _lineage(init: Path) -> dict:
+    """The starting weights of a continued run: their sha256 and the recipe/epochs/top-1 their JSON records."""
+    from ..checkpoint import file_sha256
+
+    rec = {"sha256": file_sha256(init) if init.is_file() else None}
+    meta = init.with_suffix(".json")
+    if meta.is_file():
+        m = json.loads(meta.read_text())
+        rec.update({k: m[k] for k in ("recipe", "data", "epochs", "val_top1", "val_top1_per_size",
+                                       "train_time_s", "multisize") if k in m})
+    return rec
 
 
 def main(argv=None) -> int:

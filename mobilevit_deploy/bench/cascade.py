@@ -1,0 +1,87 @@
+"""Cascade rows of the host benchmark (`python -m mobilevit_deploy.bench --cascade 32,64`).
+
+Per model, the cascade `.pte` is exported (`--target executorch --cascade S1,S2`, threshold chosen by
+the export on the shipped samples) and two rows are timed round-robin with every other row:
+- `pte_cascade`: one timed call = the cascade (`CascadeRunner.run_prepared`) over a fixed set of real
+  images, the 40 shipped samples prepared at every stage size beforehand; the row's statistics are per
+  image (each call's time / 40), so its median is the mean latency per image of that call;
+- `pte_last_stage`: the last stage alone over the same 40 prepared images, per image.
+The rows record the exit rate per stage on those images and the cascade's threshold.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["cascade_rows", "per_image", "ROW_TARGETS"]
+
+ROW_TARGETS = ("pte_cascade", "pte_last_stage")
+
+
+def cascade_rows(session, name: str, model, dcfg, art_dir: Path) -> list:
+    """Export the cascade of `model` and return (key, BoundCall) for its two rows."""
+    import sys
+
+    from ..data import sample_images
+    from ..export import ExportConfig, ModelSource, export_model
+    from ..export.cascade import CascadeSpec
+    from ..runtime import load_cascade
+    from .runners import BoundCall
+
+    cfg = session.cfg
+    spec = CascadeSpec(tuple(cfg.cascade))
+    config = ExportConfig("executorch", verify=False, cascade=spec)
+    res = export_model(ModelSource(name, deploy_cfg=dcfg, module=model), config, out_dir=str(art_dir / name),
+                       log=lambda s: print(f"  export: {s}", file=sys.stderr))
+    runner = load_cascade(res.artifact, num_threads=cfg.threads)
+    samples = sample_images()
+    labels = runner.deploy_cfg.class_labels
+    inputs = [runner.prepare_all(p) for p, _ in samples]
+    answers = [runner.run_prepared(xs) for xs in inputs]
+    n, last = len(inputs), len(runner.stages) - 1
+    exit_rates = [sum(a.stage == i for a in answers) / n for i in range(last + 1)]
+    top1 = 100.0 * sum(a.label_index == labels.index(c) for a, (_, c) in zip(answers, samples)) / n
+    info = {"images_per_call": n, "runtime": "executorch (xnnpack), cascade runner"}
+    section = res.manifest["cascade"]
+    from .flops import count_flops
+
+    stage_gflops = [count_flops(model, size)["gflops"] for size in runner.stage_sizes]
+    reach = [1.0 - sum(exit_rates[:i]) for i in range(last + 1)]  # fraction of images that run stage i
+    cascade_gflops = sum(r * g for r, g in zip(reach, stage_gflops))
+    common = {"input_size": list(runner.stage_sizes[-1]), "check": None, "accuracy": None}
+    cascade_info = {"sizes": list(spec.sizes), "stages": runner.stage_names, "threshold": runner.threshold,
+                    "exit_rates": exit_rates, "images": n, "top1_on_images": top1,
+                    "images_what": "the 40 shipped samples (CIFAR-10 train), prepared at every stage size",
+                    "threshold_selection": section.get("threshold_selection")}
+    stage = runner.stages[last]
+
+    def run_cascade():
+        for xs in inputs:
+            runner.run_prepared(xs)
+
+    def run_last():
+        for xs in inputs:
+            stage.run_one(xs[last])
+
+    threads = runner.num_threads or cfg.threads
+    art, size = Path(res.artifact), res.manifest["artifact"]["size_bytes"]
+    rows = []
+    cascade_info["stage_gflops"] = stage_gflops
+    for target, fn, extra in (("pte_cascade", run_cascade, {"cascade": cascade_info, "gflops": cascade_gflops}),
+                              ("pte_last_stage", run_last, {"gflops": stage_gflops[-1],
+                                                            "cascade": {**cascade_info, "exit_rates": None,
+                                                                        "what": "last stage alone"}})):
+        bc = BoundCall(target, "fp32", fn, fn, threads, art, size,
+                       info={**info, "row_extra": {**common, **extra}})
+        rows.append(((name, target, "fp32"), bc))
+    return rows
+
+
+def per_image(slots, samples_per_pass: int, before: dict) -> None:
+    """Turn the last pass's timings of the cascade slots (one call = a set of images) into per-image times."""
+    for s in slots:
+        k = (s.runner.info or {}).get("images_per_call")
+        if not k:
+            continue
+        start = before[s.key]
+        s.round_medians[start:] = [m / k for m in s.round_medians[start:]]
+        s.samples[-samples_per_pass:] = [t / k for t in s.samples[-samples_per_pass:]]

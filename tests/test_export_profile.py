@@ -1,0 +1,133 @@
+"""ExecuTorch export phases and speed-up (export/et_lowering.py), the LayerNorm rewrite for quantized
+programs, and the bench's --profile mode (bench/profile.py). The lowering tests take 30-160 s on the
+shared 2-core machine (several lowerings each), so they are marked slow."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from mobilevit_deploy.export import executorch as et
+
+pytest.importorskip("executorch")
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.ln = torch.nn.LayerNorm(8)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.conv(x).flatten(2).transpose(1, 2)
+        return self.fc(self.ln(y))  # [1, N, 10]: every op delegable
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return Tiny().eval()
+
+
+def _ep(m):
+    return torch.export.export(m, (torch.randn(1, 3, 32, 32),))
+
+
+@pytest.mark.slow
+def test_trimmed_provenance_gives_the_same_pte_and_phases_are_timed():
+    ep = _ep(_tiny())
+    phases: dict = {}
+    fast, _ = et.lower(ep, timings=phases)
+    slow, _ = et.lower(ep, trim_provenance=False)
+    assert hashlib.sha256(fast.buffer).digest() == hashlib.sha256(slow.buffer).digest()
+    for k in ("decompositions", "edge_dialect", "partitioning", "delegate_preprocess", "to_executorch"):
+        assert k in phases and phases[k] >= 0, phases
+    # the patch is undone afterwards
+    from torch.fx import traceback as fx_tb
+
+    from mobilevit_deploy.export.et_lowering import shallow_provenance
+
+    before = fx_tb.NodeSource.__init__
+    with shallow_provenance():
+        assert fx_tb.NodeSource.__init__ is not before
+    assert fx_tb.NodeSource.__init__ is before
+
+
+@pytest.mark.slow
+def test_export_manifest_records_lowering_phases(tmp_path):
+    from dataclasses import replace
+
+    from mobilevit_deploy.export import ExportConfig, export_model
+    from mobilevit_deploy.models import get_deploy_cfg
+    from mobilevit_deploy.pretrained import ModelSource
+
+    m = _tiny()
+    m.deploy_cfg = replace(get_deploy_cfg("mobilevit_xxs"), input_size=(3, 32, 32), num_classes=10, labels=())
+    res = export_model(ModelSource("tiny", module=m), ExportConfig("executorch", verify=False), out_dir=tmp_path,
+                       log=None)
+    t = res.manifest["timings_s"]
+    for k in ("capture", "lower", "lower.decompositions", "lower.edge_dialect", "lower.partitioning",
+              "lower.delegate_preprocess", "lower.to_executorch", "serialize", "total"):
+        assert k in t, t
+    assert "_lower_phases_s" not in res.manifest
+    assert t["lower"] >= t["lower.edge_dialect"] + t["lower.delegate_preprocess"] - 1e-3
+
+
+@pytest.mark.slow
+def test_quantized_program_layernorm_is_delegated():
+    """A pt2e int8 program with a LayerNorm: one delegate call, nothing left to the portable kernels
+    (before, its LayerNorm ran in the portable kernels between two delegate calls)."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    m = _tiny()
+    x = torch.randn(1, 3, 32, 32)
+    gm = torch.export.export(m, (x,)).module()
+    q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(gm, q)
+    for _ in range(4):
+        prepared(torch.randn(1, 3, 32, 32))
+    converted = convert_pt2e(prepared)
+    ep = torch.export.export(converted, (x,))
+    prog, outside = et.lower(ep)
+    assert not any("layer_norm" in k for k in outside), outside
+    _, outside_old = et.lower(ep, decompose_quantized=False)
+    assert any("layer_norm" in k for k in outside_old), outside_old
+    from executorch.runtime import Runtime
+
+    out = Runtime.get().load_program(prog.buffer).load_method("forward").execute([x])[0]
+    ref = converted(x)
+    assert torch.allclose(out, ref, atol=0.15), (out - ref).abs().max()
+
+
+@pytest.mark.slow
+def test_profile_pte_lists_delegate_calls_and_ops(tmp_path):
+    from mobilevit_deploy.bench.profile import format_profile, lscpu_flags, profile_pte
+
+    prog, _ = et.lower(_ep(_tiny()))
+    pte = tmp_path / "tiny.pte"
+    pte.write_bytes(prog.buffer)
+    p = profile_pte(pte, torch.randn(1, 3, 32, 32), threads=1, runs=4, warmup=2, workdir=tmp_path)
+    assert p["delegate_calls"] == 1 and p["execute_ms"] > 0
+    kinds = {o["kind"] for o in p["ops"]}
+    assert kinds == {"xnnpack"}, p["ops"]
+    assert any("Fully Connected" in o["name"] or "GEMM" in o["name"] for o in p["ops"])
+    doc = {"models": ["tiny"], "size": [32, 32], "command": "x", "created": "now", "cpu": lscpu_flags(),
+           "loadavg": [0.0, 0, 0], "threads": 1, "runs": 4,
+           "artifacts": [{"label": "tiny fp32", "file": "tiny.pte", "size_bytes": 7720, "ops_not_delegated": {},
+                          "profile": p}]}
+    md = format_profile(doc)
+    assert "| tiny fp32 |" in md and "Converts: 0" in md and "Portable ops: 0" in md
+
+
+def test_bench_profile_bad_runs_is_exit_2(capsys):
+    from mobilevit_deploy.bench.__main__ import main
+    from mobilevit_deploy.cli import run_cli
+
+    rc = run_cli(main, ["--profile", "--runs", "0"])
+    _, err = capsys.readouterr()
+    assert rc == 2 and err.strip().startswith("error:") and "--runs" in err
