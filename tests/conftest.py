@@ -75,3 +75,15 @@ def xxs_small():
     cfg = replace(get_deploy_cfg("mobilevit_xxs", 10, CIFAR10_LABELS), input_size=(3, 64, 64))
     torch.manual_seed(0)
     return create_model("mobilevit_xxs", deploy_cfg=cfg)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of small-model tests (OpenMP spin-waiting on a shared 2-core machine
+    costs ~10x the CPU time under load); restored afterwards. Use: pytestmark = usefixtures("one_torch_thread")."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -174,12 +174,7 @@ def _randomize_(m, seed=0):
     return m.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models, shared 2-core machine
 
 
 def test_key_examples():

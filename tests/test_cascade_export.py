@@ -290,7 +290,7 @@ def test_bench_cascade_rows_are_per_image():
 def test_bench_harness_times_the_cascade_and_its_last_stage():
     from mobilevit_deploy.bench.harness import BenchConfig, run_benchmark
 
-    doc = run_benchmark(BenchConfig(targets=("eager",), cascade=(32, 64), weights="random", threads=1, warmup=1,
+    doc = run_benchmark(BenchConfig(targets=("eager",), cascade=(32, 64), weights="shipped", threads=1, warmup=1,
                                     rounds=2, iters=2), progress=False, log=lambda s: None)
     rows = {r["target"]: r for r in doc["rows"]}
     c, last = rows["pte_cascade"], rows["pte_last_stage"]

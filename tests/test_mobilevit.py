@@ -28,14 +28,7 @@ NUM_FEATURES = {"mobilevit_xxs": 320, "mobilevit_xs": 384, "mobilevit_s": 640}
 FIXTURE = Path(__file__).parent / "fixtures" / "timm_mobilevit_keys.json"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are small: one intra-op thread avoids OpenMP spin-waiting on a shared 2-core
-    # machine (10x the CPU time under load). Restored for the rest of the session.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models, shared 2-core machine
 
 
 def _randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -22,12 +22,7 @@ FAMILIES = {  # registered name, constructor kwargs for the fast 32 px export
 TARGETS = ("coreml", "executorch", "onnx")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models, shared 2-core machine
 
 
 def _export(module, name, target, out_dir):

@@ -40,12 +40,7 @@ AUGVIT_PARAMS = {"augvit_tiny_patch16_224": 5_717_416 + 12 * 4 * (16 * 48 + 192)
                  "augvit_small_patch16_224": 22_050_664 + 12 * 4 * (16 * 96 + 384)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models, shared 2-core machine
 
 
 def _randomize_(model, seed=0, scale=0.2):

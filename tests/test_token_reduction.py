@@ -39,12 +39,7 @@ NAME = "deit_tiny_patch16_224"
 SMALL = dict(img_size=32, patch_size=8, num_classes=10)  # 16 patch tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models, shared 2-core machine
 
 
 def _randomize_(model, seed=0, scale=0.2):

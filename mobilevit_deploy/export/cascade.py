@@ -173,14 +173,21 @@ def _exit_classes_match(spec: CascadeSpec, deploy_cfg) -> None:
     if spec.exit_data is not None:
         classes = find_classes(spec.exit_data)
         if sorted(classes) != sorted(labels):
-            raise DataError(f"--exit-data {spec.exit_data}: class folders {classes} are not the model's labels "
-                            f"{labels}")
+            raise DataError(f"--exit-data {spec.exit_data}: class folders {_short(classes)} are not the model's "
+                            f"labels {_short(labels)}")
     else:
         classes = sorted({c for _, c in sample_images()})
         if not set(classes) <= set(labels):
             raise UserError(f"without --exit-data the threshold is chosen on the shipped CIFAR-10 samples, whose "
-                            f"classes {classes} are not this model's labels {labels}: pass --exit-data DIR "
+                            f"classes {_short(classes)} are not this model's labels {_short(labels)}: "
+                            "pass --exit-data DIR "
                             "(an ImageFolder of the model's classes)")
+
+
+def _short(names, n: int = 10) -> str:
+    """A label list for a one-line error: the first n names and how many there are."""
+    names = list(names)
+    return str(names) if len(names) <= n else f"[{', '.join(map(repr, names[:n]))}, ... ({len(names)} in all)]"
 
 
 def capture_stages(source, ctx):

@@ -84,13 +84,25 @@ def unit_sums(model: nn.Module, group: Group, value: Callable[[torch.Tensor], to
     return out
 
 
+
+def _scoring_mode(model: nn.Module, *, requires_grad: bool):
+    """Put `model` in eval mode with every parameter's requires_grad set to `requires_grad`; returns the
+    function that restores both (call it in a `finally`)."""
+    was, req = model.training, {p: p.requires_grad for p in model.parameters()}
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(requires_grad)
+
+    def restore():
+        for p, r in req.items():
+            p.requires_grad_(r)
+        model.train(was)
+    return restore
+
+
 def _grad_scores(model: nn.Module, batches, gs: list[Group], second_order: bool, log) -> dict[str, torch.Tensor]:
     scores = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in gs}
-    was = model.training
-    model.eval()  # BatchNorm keeps its statistics: the saliency of the deployed function
-    req = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(True)
+    restore = _scoring_mode(model, requires_grad=True)  # eval (BatchNorm keeps its statistics)
     try:
         for x, y in batches:
             model.zero_grad(set_to_none=True)
@@ -106,9 +118,7 @@ def _grad_scores(model: nn.Module, batches, gs: list[Group], second_order: bool,
                 scores[g.id] += s.pow(2) if second_order else s
     finally:
         model.zero_grad(set_to_none=True)
-        for p, r in req.items():
-            p.requires_grad_(r)
-        model.train(was)
+        restore()
     return scores
 
 
@@ -203,11 +213,7 @@ class _Gates:
 
 def _gate_scores(model: nn.Module, batches, gs: list[Group], *, per_dim_heads: bool, steps: int, l1: float,
                  lr: float, log) -> dict[str, torch.Tensor]:
-    was = model.training
-    model.eval()
-    req = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    restore = _scoring_mode(model, requires_grad=False)  # eval (BatchNorm keeps its statistics)
     with torch.no_grad():
         targets = [F.log_softmax(model(x), dim=-1) for x, _ in batches]  # the unpruned model's outputs
     gates = _Gates(model, gs, per_dim_heads)
@@ -235,9 +241,7 @@ def _gate_scores(model: nn.Module, batches, gs: list[Group], *, per_dim_heads: b
         return scores
     finally:
         gates.close()
-        for p, r in req.items():
-            p.requires_grad_(r)
-        model.train(was)
+        restore()
 
 
 # ------------------------------------------------------------------------------- wd: depth probes
@@ -303,11 +307,7 @@ def _spvit_scores(model: nn.Module, batches, gs: list[Group], *, steps: int, l1:
     """SPViT (see the module docstring): per-layer attention-vs-conv gates and the head-to-position
     mapping, with soft masks on MLP hidden / MV2 channels. Leaves `_spvit_map` on each attention."""
     k = 3
-    was = model.training
-    model.eval()
-    req = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    restore = _scoring_mode(model, requires_grad=False)  # eval (BatchNorm keeps its statistics)
     with torch.no_grad():
         targets = [F.log_softmax(model(x), dim=-1) for x, _ in batches]
     masks = _Gates(model, [g for g in gs if g.kind != "attn_conv"], per_dim_heads=False)
@@ -373,9 +373,7 @@ def _spvit_scores(model: nn.Module, batches, gs: list[Group], *, steps: int, l1:
         masks.close()
         for h in handles:
             h.remove()
-        for p, r in req.items():
-            p.requires_grad_(r)
-        model.train(was)
+        restore()
 
 
 # ------------------------------------------------------------------------------------- entry point
