@@ -25,13 +25,13 @@ LABELS = ("blue", "green", "red")
 SIZE = 64
 
 
-def lively_model(seed: int = 0, size: int = SIZE):
-    """mobilevit_xxs, 3 classes, with every weight and BatchNorm statistic random and non-trivial, so
+def lively_model(seed: int = 0, size: int = SIZE, name: str = "mobilevit_xxs", *, bn_only: bool = False):
+    """`name` (mobilevit_xxs), 3 classes, with every weight and BatchNorm statistic random and non-trivial, so
     every structure contributes (the default init zeroes the last BN of residual MV2 blocks and keeps
-    the transformer's linear weights tiny)."""
+    the transformer's linear weights tiny). `bn_only`: only the BatchNorms are randomised."""
     torch.manual_seed(seed)
-    cfg = replace(get_deploy_cfg("mobilevit_xxs", 3, LABELS), input_size=(3, size, size), crop_pct=1.0)
-    m = create_model("mobilevit_xxs", deploy_cfg=cfg)
+    cfg = replace(get_deploy_cfg(name, 3, LABELS), input_size=(3, size, size), crop_pct=1.0)
+    m = create_model(name, deploy_cfg=cfg)
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, nn.BatchNorm2d):
@@ -39,6 +39,8 @@ def lively_model(seed: int = 0, size: int = SIZE):
                 mod.bias.uniform_(-0.2, 0.2)
                 mod.running_mean.uniform_(-0.2, 0.2)
                 mod.running_var.uniform_(0.5, 2.0)
+            elif bn_only:
+                continue
             elif isinstance(mod, nn.LayerNorm):
                 mod.weight.uniform_(0.5, 1.5)
                 mod.bias.uniform_(-0.2, 0.2)
@@ -48,13 +50,7 @@ def lively_model(seed: int = 0, size: int = SIZE):
     return m.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the 2 cores are shared, and two threads contending made these tests 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # 2 shared cores: 2 threads ran 10x slower
 
 
 @pytest.fixture(scope="module")
@@ -456,18 +452,8 @@ def test_latency_table_fit_cache_and_fallback(model, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ CMT
 @pytest.fixture(scope="module")
 def cmt():
-    """cmt_ti at 64 px, 3 classes, BatchNorm statistics and FFN weights random (every unit contributes)."""
-    torch.manual_seed(0)
-    cfg = replace(get_deploy_cfg("cmt_ti", 3, LABELS), input_size=(3, 64, 64), crop_pct=1.0)
-    m = create_model("cmt_ti", deploy_cfg=cfg)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.2, 0.2)
-                mod.running_mean.uniform_(-0.2, 0.2)
-                mod.running_var.uniform_(0.5, 2.0)
-    return m.eval()
+    """cmt_ti at 64 px, 3 classes, BatchNorm statistics random (every unit contributes)."""
+    return lively_model(0, 64, "cmt_ti", bn_only=True)
 
 
 def test_cmt_ffn_hidden_groups_surgery_macs_and_record(cmt, tmp_path):

@@ -19,12 +19,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "tiny_imagefolder"
 LABELS = ("blue", "green", "red")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
