@@ -65,7 +65,8 @@ def parse_args(argv=None):
     ap.add_argument("--calib-size", type=int, default=None)
     ap.add_argument("--val", required=True, help="ImageFolder with the model's labels")
     ap.add_argument("--val-limit", type=int, default=None)
-    ap.add_argument("--schemes", default="executorch:int8,executorch:int8-dynamic,coreml:w8,coreml:palette6,"
+    ap.add_argument("--schemes", default="executorch:int8,executorch:int8-latency,executorch:int8-dynamic,coreml:w8,"
+                                          "coreml:palette6,"
                                           "coreml:palette4,coreml:palette-mixed,coreml:int8")
     ap.add_argument("--keep-float-sweep", default="0,1,2,3,4,6",
                     help="k values: ExecuTorch int8 with the k most sensitive units kept in float")
@@ -92,7 +93,9 @@ class Table:
         from mobilevit_deploy.export import ExportConfig, ModelSource, export_model
 
         a = self.a
-        config = ExportConfig.from_dict({"target": target, "quant": quant, "keep_float": keep_float,
+        # int8-latency: the per-layer plan timed at the table's thread count
+        q = {"scheme": quant, "plan_threads": a.threads} if quant == "int8-latency" else quant
+        config = ExportConfig.from_dict({"target": target, "quant": q, "keep_float": keep_float,
                                          "calib_data": a.calib_data if quant else None,
                                          "calib_size": a.calib_size if quant else None})
         source = ModelSource(a.model, module=self.loaded.module, deploy_cfg=self.loaded.deploy_cfg)

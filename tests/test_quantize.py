@@ -115,15 +115,15 @@ def _image_folder(root: Path, per_class: int = 4) -> Path:
 # ---------------------------------------------------------------------------------------------- configs
 
 def test_registry_and_configs():
-    assert list_schemes("executorch") == ["int8", "int8-dynamic"]
+    assert list_schemes("executorch") == ["int8", "int8-dynamic", "int8-latency"]
     assert list_schemes("coreml") == ["int8", "palette-mixed", "palette4", "palette6", "w8"]
     assert get_config("coreml", "palette4") == CoreMLPaletteConfig(nbits=4)
     assert get_config("coreml", "palette6").scheme == "palette6"
     c = get_config("executorch", "int8", keep_float="auto:2,stem.*")
     assert c == Int8StaticConfig(keep_float=("stem.*",), keep_float_auto=2)
     assert get_config("executorch", "int8-dynamic", keep_float="head") == Int8DynamicConfig(keep_float=("head",))
-    with pytest.raises(UserError,
-                       match=r"unknown quantization scheme for executorch 'int4' \(choose from: int8, int8-dynamic\)"):
+    with pytest.raises(UserError, match=r"unknown quantization scheme for executorch 'int4' "
+                                        r"\(choose from: int8, int8-dynamic, int8-latency\)"):
         get_config("executorch", "int4")
     with pytest.raises(UserError, match="no quantization scheme for target 'onnx'"):
         get_config("onnx", "int8")

@@ -11,7 +11,8 @@ def test_continued_run_records_the_weights_it_started_from(tmp_path):
     init = tmp_path / "stage1.safetensors"
     init.write_bytes(b"weights of stage 1")
     init.with_suffix(".json").write_text(json.dumps(
-        {"recipe": "recipes/a.yaml", "epochs": 11, "val_top1": 73.3, "unrelated": 1}))
+        {"recipe": "recipes/a.yaml", "epochs": 11, "val_top1": 73.3, "unrelated": 1,
+         "init_from": {"sha256": "abc", "recipe": "recipes/stage0.yaml", "epochs": 5}}))
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(
@@ -21,7 +22,8 @@ def test_continued_run_records_the_weights_it_started_from(tmp_path):
         [{"epoch_time_s": 100.0, "val_time_s": 1.0, "images": 5000}] * 2))
     out = _run_summary(run)
     assert out["init_from"] == {"sha256": file_sha256(init), "recipe": "recipes/a.yaml", "epochs": 11,
-                                "val_top1": 73.3}
+                                "val_top1": 73.3,  # and the stage before it: the whole chain
+                                "init_from": {"sha256": "abc", "recipe": "recipes/stage0.yaml", "epochs": 5}}
     assert out["multisize"]["sizes"] == [32]
     assert out["train_time_s"] == 202.0 and out["train_img_per_s"] == 50.0
 

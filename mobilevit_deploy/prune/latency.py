@@ -18,7 +18,7 @@ over those 5 points, the features of each coming from cost.CostModel.terms. A pe
 captures what MACs miss (LayerNorms, reshapes, delegate calls per layer). The pruning budget then
 uses the predicted latency of every candidate state.
 
-The table is cached in `~/.cache/mobilevit_deploy/prune_latency.json` (or $MOBILEVIT_DEPLOY_CACHE),
+The table is cached in `~/.cache/mobilevit_deploy/prune_latency.json` (or $MOBILEVIT_DEPLOY_CACHE; hostinfo.JsonCache),
 keyed by model, architecture (a hash of every parameter shape), input size, threads, torch /
 executorch versions and the CPU (model name and a hash of its flags). Without ExecuTorch, or with
 `table="macs"`, the fallback is MACs-proportional: latency ~ MACs (`LatencyModel.macs_proportional`),
@@ -30,7 +30,6 @@ import copy
 import hashlib
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -40,46 +39,17 @@ from pathlib import Path
 
 from torch import nn
 
+from ..hostinfo import JsonCache, cpu_id, cpu_key, runtime_versions
+
 FEATURES = ("mv2", "linear", "attn", "layers")
 TABLE_VERSION = 1
 
 
+_CACHE = JsonCache("prune_latency.json", TABLE_VERSION)
+
+
 def cache_path() -> Path:
-    root = os.environ.get("MOBILEVIT_DEPLOY_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "mobilevit_deploy")
-    return Path(root) / "prune_latency.json"
-
-
-def cpu_id() -> dict:
-    """{"machine", "model", "flags_sha"}: what the CPU is (Linux /proc/cpuinfo; platform elsewhere)."""
-    name, flags = platform.processor() or "", ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                k = k.strip()
-                if k == "model name" and not name:
-                    name = v.strip()
-                elif k in ("flags", "Features") and not flags:
-                    flags = v.strip()
-                if name and flags:
-                    break
-    except OSError:
-        pass
-    return {"machine": platform.machine(), "model": name,
-            "flags_sha": hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16]}
-
-
-def _versions() -> dict:
-    from importlib import metadata
-
-    import torch
-
-    try:
-        et = metadata.version("executorch")
-    except metadata.PackageNotFoundError:
-        et = None
-    return {"torch": torch.__version__, "executorch": et}
+    return _CACHE.path
 
 
 def shapes_sha(model: nn.Module) -> str:
@@ -91,9 +61,9 @@ def shapes_sha(model: nn.Module) -> str:
 
 def table_key(model_name: str, model: nn.Module, input_size, threads: int) -> str:
     a = shapes_sha(model)
-    v, c = _versions(), cpu_id()
+    v = runtime_versions()
     return (f"{model_name}|arch={a}|{int(input_size[0])}x{int(input_size[1])}|threads={threads}|torch={v['torch']}|"
-            f"executorch={v['executorch']}|cpu={c['machine']}:{c['model']}:{c['flags_sha']}")
+            f"executorch={v['executorch']}|cpu={cpu_key()}")
 
 
 @dataclass
@@ -216,24 +186,6 @@ def measure_pte_latency(modules: dict[str, nn.Module], *, threads: int = 1, log=
         return time_round_robin(fns, rounds=rounds, iters=iters)
 
 
-def _load_cache(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-        if isinstance(d, dict) and d.get("version") == TABLE_VERSION:
-            return d
-    except (OSError, ValueError):
-        pass
-    return {"version": TABLE_VERSION, "entries": {}}
-
-
-def _store(path: Path, key: str, entry: dict) -> None:
-    from ..checkpoint import atomic_write
-
-    d = _load_cache(path)
-    d["entries"][key] = entry
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(d, indent=1)))
-
-
 def latency_model(model: nn.Module, model_name: str, cost, *, threads: int = 1, table: str = "measure",
                   measure: Callable[[dict], dict] | None = None, log=None) -> LatencyModel:
     """The latency model of `model` (cached table, else measured and cached, else MACs-proportional).
@@ -247,7 +199,7 @@ def latency_model(model: nn.Module, model_name: str, cost, *, threads: int = 1, 
         return LatencyModel.macs_proportional()
     key = table_key(model_name, model, cost.input_size, threads)
     path = cache_path()
-    entry = _load_cache(path)["entries"].get(key)
+    entry = _CACHE.get(key)
     if entry is not None:
         lm = LatencyModel.from_dict(entry["model"])
         log(f"latency: table from {path} ({len(lm.variants)} variants measured {entry.get('created', '?')})")
@@ -276,7 +228,7 @@ def latency_model(model: nn.Module, model_name: str, cost, *, threads: int = 1, 
     log("latency: " + ", ".join(f"{r['name']} {r['latency_ms']:.3f} ms" for r in rows) +
         f" -> const {lm.const:.3f} ms + " + " + ".join(f"{v:.3g}*{k}" for k, v in lm.coef.items()) +
         f" ({time.perf_counter() - t:.0f} s)")
-    _store(path, key, {"model": lm.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                       "versions": _versions(), "cpu": cpu_id(), "threads": threads,
-                       "input_size": list(cost.input_size)})
+    _CACHE.put(key, {"model": lm.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     "versions": runtime_versions(), "cpu": cpu_id(), "threads": threads,
+                     "input_size": list(cost.input_size)})
     return lm

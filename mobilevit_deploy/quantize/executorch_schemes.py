@@ -4,6 +4,8 @@ the config (validated dataclass, scheme attributes) and, beside it, its register
 - `int8` (Int8StaticConfig): torchao pt2e `prepare_pt2e` / `convert_pt2e` with ExecuTorch's
   `XNNPACKQuantizer` and `get_symmetric_quantization_config(is_per_channel=True)`, calibrated on
   real images. Measured facts: 1.54 MB for mobilevit_xxs against 5.2 MB fp32; lowering ~40 s.
+- `int8-latency`: `int8` with a per-layer plan chosen by measured latency on this machine: each conv /
+  linear whose int8 form lowered alone is not faster than its fp32 form stays fp32 (quantize/latency_plan.py).
 - `int8-dynamic` (Int8DynamicConfig): torchao `quantize_(model, Int8DynamicActivationIntxWeightConfig(
   weight_dtype=torch.int8, weight_granularity=PerAxis(0)))` on nn.Linear layers.
 """
@@ -35,10 +37,11 @@ class Int8StaticConfig(QuantConfig):
     histogram observer over the calibration images; lowered to the XNNPACK delegate.
     """
 
-    scheme: ClassVar[str] = "int8"
     target: ClassVar[str] = "executorch"
     calibrated: ClassVar[bool] = True
     verify_min_sqnr_db: ClassVar[float] = 20.0  # .pte vs the converted graph (benchmarks/ptq_*.md)
+    # int8-latency: the same, with the per-layer plan by measured latency (quantize/latency_plan.py)
+    variants: ClassVar[dict[str, dict]] = {"int8": {}, "int8-latency": {"latency_plan": True}}
 
     per_channel: bool = True
     keep_float: tuple[str, ...] = ()
@@ -47,10 +50,23 @@ class Int8StaticConfig(QuantConfig):
     calibration: str = "minmax"  # minmax | vit
     calib_data: str | None = None  # None: the shipped sample images
     calib_size: int | None = None  # None: 256 images of calib_data (all shipped samples)
+    latency_plan: bool = False  # keep in fp32 the convs / linears whose int8 form is not faster here
+    plan_threads: int = 1  # threads of the plan's timings (those the artifact will run with)
+    plan_margin: float = 0.0  # int8 kept where int8_ms <= fp32_ms * (1 - plan_margin)
+
+    @property
+    def scheme(self) -> str:  # type: ignore[override]
+        return "int8-latency" if self.latency_plan else "int8"
 
     def __post_init__(self):
         if not isinstance(self.per_channel, bool):
             raise UserError(f"per_channel must be True or False, got {self.per_channel!r}")
+        if not isinstance(self.latency_plan, bool):
+            raise UserError(f"latency_plan must be True or False, got {self.latency_plan!r}")
+        check_positive_int("plan_threads", self.plan_threads)
+        if isinstance(self.plan_margin, bool) or not isinstance(self.plan_margin, (int, float)) \
+                or not 0 <= self.plan_margin < 1:
+            raise UserError(f"plan_margin must be a number in [0, 1), got {self.plan_margin!r}")
         kf, _ = check_keep_float(self.keep_float, self.keep_float_auto)
         object.__setattr__(self, "keep_float", kf)
         check_positive_int("calib_batch_size", self.calib_batch_size)

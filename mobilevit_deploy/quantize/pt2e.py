@@ -216,6 +216,7 @@ class _KeepFloat:
     patterns: tuple[str, ...]  # the config's patterns + the units chosen by keep_float_auto
     auto_units: list[str] = field(default_factory=list)
     report: object = None  # sensitivity.SensitivityReport with keep_float_auto
+    plan: object = None  # latency_plan.LatencyPlan with latency_plan
 
     def kept(self) -> list[str]:
         return [u for u in self.units if matches(u, self.patterns)]
@@ -228,6 +229,8 @@ def _choose_keep_float(model, gm, cfg, scheme: W8A8Scheme, calib, deploy_cfg, pr
     units = quantizable_units(gm, scheme.factory)
     check_patterns(cfg.keep_float, units)
     kf = _KeepFloat(units, tuple(cfg.keep_float))
+    if getattr(cfg, "latency_plan", False):
+        _plan_by_latency(model, kf, cfg, scheme, calib, deploy_cfg, log, timings)
     if not cfg.keep_float_auto:
         return kf
     from .sensitivity import rank_units
@@ -242,6 +245,25 @@ def _choose_keep_float(model, gm, cfg, scheme: W8A8Scheme, calib, deploy_cfg, pr
     log(f"quantize: per-layer sensitivity on {kf.report.images} calibration images; keeping in float the "
         f"{cfg.keep_float_auto} most sensitive: {', '.join(kf.auto_units)}")
     return kf
+
+
+def _plan_by_latency(model, kf: _KeepFloat, cfg, scheme: W8A8Scheme, calib, deploy_cfg, log, timings) -> None:
+    """latency_plan: time each conv / linear alone in fp32 and int8 on this machine (its input from the first
+    calibration image) and add those whose int8 form is not faster to the keep-float patterns."""
+    from .calibration import calibration_batches
+    from .latency_plan import plan_int8
+
+    t = time.perf_counter()
+    x = next(iter(calibration_batches(calib, deploy_cfg, batch_size=1, desc="latency plan", progress=False)))
+    kf.plan = plan_int8(model, kf.units, scheme.factory, x, threads=cfg.plan_threads, margin=cfg.plan_margin, log=log)
+    slower = [u for u in kf.plan.keep_float() if not matches(u, kf.patterns)]
+    kf.patterns += tuple(slower)
+    timings["latency_plan"] = time.perf_counter() - t
+    s = kf.plan.summary()["sum_ms"]
+    log(f"quantize: int8 latency plan ({cfg.plan_threads} thread(s), {len(kf.plan.layers)} convs / linears, "
+        f"{kf.plan.measured} shapes timed, {timings['latency_plan']:.0f} s): {len(slower)} kept in fp32 "
+        f"({', '.join(slower) if slower else 'none'}); sum of layer times fp32 {s['fp32']:.3f} ms, all int8 "
+        f"{s['int8_all']:.3f} ms, plan {s['plan']:.3f} ms")
 
 
 def vit_calibration(prepared, *, calib, deploy_cfg, batch_size: int, progress: bool, out: dict) -> None:
@@ -293,6 +315,8 @@ def _quantization_info(cfg, scheme: W8A8Scheme, calib, seen: int, kf: _KeepFloat
         info["vit_ptq"] = vit
     info["keep_float"] = {"patterns": list(cfg.keep_float), "auto": cfg.keep_float_auto, "auto_units": kf.auto_units,
                           "units": kf.kept(), "quantizable_units": len(kf.units)}
+    if kf.plan is not None:
+        info["latency_plan"] = kf.plan.summary()
     if kf.report is not None:
         info["sensitivity"] = {
             "method": "per-unit SQNR of the logits vs fp32, one unit fake-quantized at a time (calibrated qparams)",

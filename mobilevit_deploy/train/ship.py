@@ -86,7 +86,7 @@ def _lineage(init: Path) -> dict:
     if meta.is_file():
         m = json.loads(meta.read_text())
         rec.update({k: m[k] for k in ("recipe", "data", "epochs", "val_top1", "val_top1_per_size",
-                                       "train_time_s", "multisize") if k in m})
+                                       "train_time_s", "multisize", "init_from") if k in m})  # the whole chain
     return rec
 
 
