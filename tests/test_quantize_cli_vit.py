@@ -63,7 +63,7 @@ def test_configs_calibration_and_budget_fields():
     assert c == CoreMLMixedPaletteConfig(budget_avg_bits=5.0) and c.scheme == "palette-mixed" and c.calibrated
     assert isinstance(c.budget_avg_bits, float) and c.choices == (4, 6, 8)
     assert CoreMLMixedPaletteConfig(choices=(8, 4)).choices == (4, 8)
-    assert schemes_accepting("calibration") == ["executorch int8", "coreml int8"]
+    assert schemes_accepting("calibration") == ["executorch int8", "executorch int8-latency", "coreml int8"]
     assert schemes_accepting("budget_avg_bits") == ["coreml palette-mixed"]
     for bad, msg in [(dict(budget_avg_bits=3.5), "below the smallest bit width"),
                      (dict(budget_avg_bits=8.5), "above the largest bit width"),
@@ -76,7 +76,7 @@ def test_configs_calibration_and_budget_fields():
         with pytest.raises(UserError, match=msg):
             CoreMLMixedPaletteConfig(**bad)
     with pytest.raises(UserError, match=r"--calibration does not apply to executorch int8-dynamic \(it applies to: "
-                                        r"executorch int8, coreml int8\)"):
+                                        r"executorch int8, executorch int8-latency, coreml int8\)"):
         get_config("executorch", "int8-dynamic", calibration="vit")
     with pytest.raises(UserError, match=r"--weight-bits-budget does not apply to coreml palette6 \(it applies to: "
                                         r"coreml palette-mixed\)"):
@@ -90,11 +90,12 @@ def test_configs_calibration_and_budget_fields():
      "unknown calibration method 'histogram' (choose from: minmax, vit)"),
     (["--target", "coreml", "--quant", "int8", "--calibration", "VIT"], "unknown calibration method 'VIT'"),
     (["--target", "coreml", "--quant", "w8", "--calibration", "vit"],
-     "--calibration does not apply to coreml w8 (it applies to: executorch int8, coreml int8)"),
+     "--calibration does not apply to coreml w8 (it applies to: executorch int8, executorch int8-latency, "
+     "coreml int8)"),
     (["--target", "executorch", "--quant", "int8-dynamic", "--calibration", "vit"],
      "--calibration does not apply to executorch int8-dynamic"),
     (["--target", "executorch", "--calibration", "vit"],
-     "--calibration needs --quant (it applies to: executorch int8, coreml int8)"),
+     "--calibration needs --quant (it applies to: executorch int8, executorch int8-latency, coreml int8)"),
     (["--target", "coreml", "--quant", "palette6", "--weight-bits-budget", "6"],
      "--weight-bits-budget does not apply to coreml palette6 (it applies to: coreml palette-mixed)"),
     (["--target", "coreml", "--quant", "int8", "--weight-bits-budget", "6"],
