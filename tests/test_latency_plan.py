@@ -73,7 +73,7 @@ def test_kinds_signatures_and_real_inputs():
 def test_plan_keeps_slower_layers_in_fp32_and_times_each_shape_once(cache_dir):
     m = ConvNet().eval()
     units = ["stem", "blocks.0.0", "blocks.0.2", "blocks.0.4", "blocks.1.0", "blocks.1.2", "blocks.1.4", "head",
-             "unused", "blocks.0"]  # a container unit is not planned
+             "unused", "blocks.0", "no.such.module"]  # a container or unknown unit is not planned
     table = {"conv": (1.0, 0.4), "conv1x1": (1.0, 0.5), "conv_dw": (0.3, 0.45), "linear": (0.1, 0.099)}
     measure, calls = _fake(table)
     x = torch.rand(1, 3, 32, 32)

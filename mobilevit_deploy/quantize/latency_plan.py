@@ -179,7 +179,13 @@ def plan_int8(model, units: list[str], quantizer_factory: Callable, x, *, thread
     log = log or (lambda s: None)
     t0 = time.perf_counter()
     model = model.eval()
-    planned = [u for u in units if layer_kind(model.get_submodule(u)) is not None]
+    def module_or_none(u):
+        try:
+            return model.get_submodule(u)
+        except AttributeError:  # a graph unit that is not a module path of `model` (not planned)
+            return None
+
+    planned = [u for u in units if layer_kind(module_or_none(u)) is not None]
     inputs = layer_inputs(model, planned, x[:1])
     planned = [u for u in planned if u in inputs]  # a module the forward never calls is not planned
     sigs = {u: signature(model.get_submodule(u), inputs[u]) for u in planned}
