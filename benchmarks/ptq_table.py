@@ -65,8 +65,8 @@ def parse_args(argv=None):
     ap.add_argument("--calib-size", type=int, default=None)
     ap.add_argument("--val", required=True, help="ImageFolder with the model's labels")
     ap.add_argument("--val-limit", type=int, default=None)
-    ap.add_argument("--schemes", default="executorch:int8,executorch:int8-latency,executorch:int8-dynamic,coreml:w8,"
-                                          "coreml:palette6,"
+    ap.add_argument("--schemes", default="executorch:int8,executorch:int8-latency,executorch:int8-dynamic,"
+                                          "executorch:int8-dynamic-all,coreml:w8,coreml:palette6,"
                                           "coreml:palette4,coreml:palette-mixed,coreml:int8")
     ap.add_argument("--keep-float-sweep", default="0,1,2,3,4,6",
                     help="k values: ExecuTorch int8 with the k most sensitive units kept in float")

@@ -38,7 +38,8 @@ def build_parser():
                    help="Core ML compute precision (default fp16); ExecuTorch XNNPACK and ONNX are fp32")
     p.add_argument("--quant", default=None, metavar="SCHEME",
                    help="post-training quantization: executorch int8 | int8-latency (int8 where it is faster here, "
-                        "per layer) | int8-dynamic; coreml w8 | palette6 | palette4 | palette-mixed | int8 "
+                        "per layer) | int8-dynamic (linears) | int8-dynamic-all (every conv and linear); "
+                        "coreml w8 | palette6 | palette4 | palette-mixed | int8 "
                         "(see mobilevit_deploy/quantize)")
     p.add_argument("--calib-data", default=None, metavar="DIR",
                    help="calibration images (ImageFolder or a folder of images); default: the 40 shipped samples")

@@ -59,6 +59,35 @@ class ConvNormAct(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
+class ChannelLinearNormAct(nn.Module):
+    """A 1x1 ConvNormAct (eval mode) as a linear over channels: NCHW -> NHWC, linear with the BatchNorm folded
+    into its weight and bias, -> NCHW, activation. The same function up to float rounding; used by the
+    `int8-dynamic-all` scheme, where XNNPACK's dynamic 1x1 conv fails after a reshape."""
+
+    def __init__(self, in_chs: int, out_chs: int, act: nn.Module):
+        super().__init__()
+        self.fc = nn.Linear(in_chs, out_chs)
+        self.act = act
+
+    @classmethod
+    def from_conv_norm_act(cls, cna: ConvNormAct) -> ChannelLinearNormAct:
+        conv, bn = cna.conv, cna.bn
+        if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.stride != (1, 1):
+            raise ValueError(f"not a dense 1x1 stride-1 conv: {conv}")
+        w = conv.weight[:, :, 0, 0]  # [out, in]
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        m = cls(w.shape[1], w.shape[0], cna.act)
+        with torch.no_grad():
+            m.fc.weight.copy_(w * scale[:, None])
+            m.fc.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [B, C_in, H, W] -> [B, H, W, C_in] -> [B, H, W, C_out] -> [B, C_out, H, W]
+        return self.act(self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
 class DropPath(nn.Module):
     """Stochastic depth per sample (identity in eval mode and when `drop_prob` is 0)."""
 

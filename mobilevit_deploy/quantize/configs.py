@@ -242,4 +242,4 @@ class QuantizedModel:
     @property
     def verify_min_sqnr_db(self) -> float:
         """Pass threshold of the artifact against `reference` (not against fp32)."""
-        return type(self.config).verify_min_sqnr_db
+        return self.config.verify_min_sqnr_db  # a class attribute, or a property of a config with variants

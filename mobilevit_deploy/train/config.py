@@ -1,6 +1,7 @@
 """Typed training configuration: a recipe YAML is validated into `TrainConfig`.
 
-A recipe is a YAML mapping of sections (`model`, `data`, `optim`, `schedule`, `ema`, `distill`) plus
+A recipe is a YAML mapping of sections (`model`, `data`, `optim`, `schedule`, `ema`, `distill`,
+`multisize`, `mix`) plus
 top-level run fields (`seed`, `amp`, ...). Every key is checked: an unknown or mistyped key is a
 `UserError` naming it and listing the valid keys, and so is a value of the wrong type. `--set
 section.key=value` (value parsed as YAML) overrides any field after the recipe is read.
@@ -120,6 +121,19 @@ class MultisizeConfig:
 
 
 @dataclass
+class MixConfig:
+    """Batch mixing (train/mix.py): mixup and/or CutMix as in DeiT; off while both alphas are 0."""
+    mixup_alpha: float = 0.0  # lambda ~ Beta(a, a) for mixup (DeiT: 0.8)
+    cutmix_alpha: float = 0.0  # ... for CutMix (DeiT: 1.0)
+    prob: float = 1.0  # probability that a batch is mixed at all
+    switch_prob: float = 0.5  # with both on: probability of CutMix rather than mixup
+
+    @property
+    def enabled(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -128,6 +142,7 @@ class TrainConfig:
     ema: EmaConfig = field(default_factory=EmaConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     multisize: MultisizeConfig = field(default_factory=MultisizeConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     label_smoothing: float = 0.0
     token_ratio_weight: float = 2.0  # DynamicViT ratio loss (paper lambda_ratio 2); models with learned pruning only
     seed: int = 0
@@ -298,6 +313,13 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if not 0 < cfg.ema.decay < 1:
         raise UserError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
+    mx = cfg.mix
+    if mx.mixup_alpha < 0 or mx.cutmix_alpha < 0:
+        raise UserError(f"mix.mixup_alpha and mix.cutmix_alpha must be >= 0 (0 = off), got {mx.mixup_alpha}, "
+                        f"{mx.cutmix_alpha}")
+    for k in ("prob", "switch_prob"):
+        if not 0 <= getattr(mx, k) <= 1:
+            raise UserError(f"mix.{k} must be in [0, 1], got {getattr(mx, k)}")
     ms = cfg.multisize
     if ms.enabled:
         if not ms.sizes:

@@ -416,7 +416,7 @@ def _start_message(run: _Run, recipe_path) -> None:
 
     if not run.info.is_main:
         return
-    cfg, d, ms, info = run.cfg, run.cfg.data, run.cfg.multisize, run.info
+    cfg, d, ms, mx, info = run.cfg, run.cfg.data, run.cfg.multisize, run.cfg.mix, run.info
     run.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run.out_dir / "config.yaml",
                  lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
@@ -424,7 +424,9 @@ def _start_message(run: _Run, recipe_path) -> None:
     run.log(f"{cfg.model.name}: {n_par / 1e6:.2f} M params, {len(run.classes)} classes, {len(run.train_ds)} train / "
             f"{len(run.val_s)} val images, sizes {run.sampler.sizes} (global batch {d.batch_size} at "
             f"{run.sampler.base_size} px{', variable' if d.variable_batch else ''})"
-            f"{f', multi-size KD at {ms.sizes}' if ms.enabled else ''}, {'bf16 autocast' if run.use_bf16 else 'fp32'}, "
+            f"{f', multi-size KD at {ms.sizes}' if ms.enabled else ''}"
+            f"{f', mixup {mx.mixup_alpha} / CutMix {mx.cutmix_alpha} (p {mx.prob})' if mx.enabled else ''}, "
+            f"{'bf16 autocast' if run.use_bf16 else 'fp32'}, "
             f"{info.world_size} process(es) ({info.backend or 'single'}), {torch.get_num_threads()} threads")
 
 
@@ -464,6 +466,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
 
     from . import distributed as dist_
     from .dataset import skipped_between
+    from .mix import mix_batch, mix_rng
 
     cfg, info, o = run.cfg, run.info, run.cfg.optim
     run.sampler.set_epoch(epoch)
@@ -479,7 +482,10 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
         for g in run.opt.param_groups:
             g["lr"] = lr
         x, y = x.to(run.device, non_blocking=True, memory_format=run.mf), y.to(run.device, non_blocking=True)
-        lo, logits = _step_loss(run, x, y)
+        target = y
+        if cfg.mix.enabled:  # mixup / CutMix: soft targets; top-1 below counts the image's own label
+            x, target, _ = mix_batch(x, y, len(run.classes), cfg.mix, mix_rng(cfg.seed, epoch, i))
+        lo, logits = _step_loss(run, x, target)
         run.opt.zero_grad(set_to_none=True)
         lo.total.backward()
         if o.clip_grad_norm:
