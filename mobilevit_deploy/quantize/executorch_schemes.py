@@ -79,16 +79,17 @@ class Int8StaticConfig(QuantConfig):
         check_calibration_source(self)
 
 
-def xnnpack_quantizer_factory(per_channel: bool = True):
-    """`factory(allow)` -> a fresh XNNPACKQuantizer (global symmetric int8 config) with an optional
-    node filter (`allow(node) -> bool`, False keeps the op in float)."""
+def xnnpack_quantizer_factory(per_channel: bool = True, dynamic: bool = False):
+    """`factory(allow)` -> a fresh XNNPACKQuantizer (global symmetric int8 config; `dynamic`: activations
+    quantized at run time, qd8) with an optional node filter (`allow(node) -> bool`, False keeps the op in float)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
 
     def factory(allow=None):
-        q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
+        q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel,
+                                                                            is_dynamic=dynamic))
         if allow is not None:
             q.set_filter_function(allow)
         return q
@@ -204,22 +205,6 @@ def apply_int8_dynamic(model, cfg: Int8DynamicConfig):
                          "lowered to XNNPACK"}
 
 
-def xnnpack_dynamic_quantizer_factory():
-    """`factory(allow)` -> a fresh XNNPACKQuantizer with the dynamic (qd8) per-channel symmetric config."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
-
-    def factory(allow=None):
-        q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
-        if allow is not None:
-            q.set_filter_function(allow)
-        return q
-
-    return factory
-
-
 def proj_convs_as_linear(model) -> list[str]:
     """In place: each MobileViT block's `conv_proj` (a 1x1 ConvNormAct right after the fold's reshape) becomes
     a ChannelLinearNormAct. Returns the module paths replaced."""
@@ -257,7 +242,7 @@ def apply_int8_dynamic_all(model, cfg: Int8DynamicConfig, deploy_cfg):
     m = copy.deepcopy(model).eval()
     replaced = proj_convs_as_linear(m)
     gm = capture_dynamic_batch(m, deploy_cfg)
-    factory = xnnpack_dynamic_quantizer_factory()
+    factory = xnnpack_quantizer_factory(per_channel=True, dynamic=True)
     units = quantizable_units(gm, factory)
     check_patterns(cfg.keep_float, units)
     quantizer = factory(allow_filter(cfg.keep_float) if cfg.keep_float else None)
