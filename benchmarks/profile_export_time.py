@@ -1,14 +1,15 @@
 """Export wall time, ExecuTorch vs ONNX, with the ExecuTorch lowering's phases, in one run.
 
-    python -m benchmarks.profile_export_time --rounds 2 [--before-tree /tmp/before] [--size 256] [--json OUT]
+    python -m benchmarks.profile_export_time --rounds 2 [--all-switches] [--before-tree /tmp/before] [--size 256] [--json OUT]
 
 Each round runs, one after another in fresh processes (the order rotating every round, so a busy
 phase of the shared machine hits all alike), `python -m mobilevit_deploy.export` for:
-`onnx`; `executorch` as this tree does it; `executorch` with the provenance trimming switched off
-(et_lowering.shallow_provenance; the rest of this tree unchanged); and, with `--before-tree DIR` (a
-copy of the package before the change, e.g. `git archive HEAD | tar -x -C DIR`), `executorch` by
-that tree. Every export's wall time is measured around the process; its manifest's `timings_s`
-gives the stages and (this tree) the lowering's phases. Prints a table of medians over rounds and
+`onnx`; `executorch` as this tree does it; `executorch` with each of the lowering's speed-ups of
+export/et_lowering.py switched off alone (provenance trimming, lean XNNPACK passes, skipped no-op
+decompositions; with `--all-switches`) and all three off (ExecuTorch's own
+`to_edge_transform_and_lower`; the rest of this tree unchanged); and, with `--before-tree DIR` (a copy of the package before the change, e.g.
+`git archive HEAD | tar -x -C DIR`), `executorch` by that tree. Every export's wall time is
+measured around the process; its manifest's `timings_s` gives the stages and (this tree) the lowering's phases. Prints a table of medians over rounds and
 ratios to the ONNX export of the same round, plus the CPU flags.
 """
 from __future__ import annotations
@@ -24,10 +25,20 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-NO_TRIM = ("import functools, sys; import mobilevit_deploy.export.executorch as e; "
-           "e.lower = functools.partial(e.lower, trim_provenance=False); "
-           "from mobilevit_deploy.cli import run_cli; from mobilevit_deploy.export.__main__ import main; "
-           "sys.exit(run_cli(main, sys.argv[1:]))")
+# `executorch` with some of lower()'s speed-up switches off: {variant name: {keyword: False}}
+SWITCHED_OFF = {
+    "executorch (no provenance trim)": {"trim_provenance": False},
+    "executorch (no lean passes)": {"lean_passes": False},
+    "executorch (no skipped decompositions)": {"skip_decompositions": False},
+    "executorch (all speed-ups off)": {"trim_provenance": False, "lean_passes": False, "skip_decompositions": False},
+}
+
+
+def switched_off(kwargs: dict) -> str:
+    return ("import functools, sys; import mobilevit_deploy.export.executorch as e; "
+            f"e.lower = functools.partial(e.lower, **{kwargs!r}); "
+            "from mobilevit_deploy.cli import run_cli; from mobilevit_deploy.export.__main__ import main; "
+            "sys.exit(run_cli(main, sys.argv[1:]))")
 
 
 def cpu_flags() -> dict:
@@ -51,8 +62,8 @@ def run_variant(name: str, args: list[str], out: Path, before_tree: str | None) 
         env["PYTHONPATH"] = before_tree
         cwd = before_tree
         cmd = [sys.executable, "-m", "mobilevit_deploy.export", *args]
-    elif name == "executorch (no provenance trim)":
-        cmd = [sys.executable, "-c", NO_TRIM, *args]
+    elif name in SWITCHED_OFF:
+        cmd = [sys.executable, "-c", switched_off(SWITCHED_OFF[name]), *args]
     else:
         cmd = [sys.executable, "-m", "mobilevit_deploy.export", *args]
     t = time.perf_counter()
@@ -69,11 +80,13 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--before-tree", default=None, help="a copy of the package before the change")
     p.add_argument("--size", default=None, help="export --size (default: the weights' deploy size)")
+    p.add_argument("--all-switches", action="store_true",
+                   help="also each speed-up switched off alone (default: only all three off)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     size = ["--size", a.size] if a.size else []
-    variants = {"onnx": ["--target", "onnx", *size], "executorch": ["--target", "executorch", *size],
-                "executorch (no provenance trim)": ["--target", "executorch", *size]}
+    variants = {"onnx": ["--target", "onnx", *size], "executorch": ["--target", "executorch", *size]}
+    variants.update({n: ["--target", "executorch", *size] for n in SWITCHED_OFF if a.all_switches or "all" in n})
     if a.before_tree:
         if a.size:
             raise SystemExit("--size is new: the before tree has no such option")

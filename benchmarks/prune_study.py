@@ -76,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-pte", action="store_true", help="skip the .pte export and latency")
     p.add_argument("--reuse", action="store_true", help="reuse pruned models already in OUT")
+    p.add_argument("--only", default=None,
+                   help="comma-separated row labels (e.g. taylor@0.7,slim@0.7): only these of the methods x targets "
+                        "grid (budget cut; the rest are listed as not run)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="fine-tuning TrainConfig overrides")
     p.add_argument("--prior", default=None, metavar="JSON",
                    help="take top-1 of pruned rows pruned here with --prior-rows at --epochs 0 from an earlier "
@@ -444,8 +447,12 @@ def main(argv=None) -> int:
         args.checkpoint = train_reference(args, data, out)
         t_ref = _epoch_s(out / "reference") if args.reuse else time.perf_counter() - t0
     rows = [{"label": "reference", "kind": "reference", "model": args.model, "checkpoint": args.checkpoint}]
+    only = {x for x in args.only.split(",") if x} if args.only else None
     for method in methods:
         for t in targets:
+            if only is not None and f"{method}@{t:g}" not in only:
+                errors[f"{method}@{t:g}"] = "not run (--only: budget cut)"
+                continue
             d = out / f"{method}_{t:g}"
             timing = d / "study_time.json"
             err = out / f"{method}_{t:g}.error.txt"
@@ -523,7 +530,8 @@ def main(argv=None) -> int:
     tmp_png = plot(rows, png.with_name(png.stem + ".tmp.png"), f"{args.model}: pruning vs from-scratch")
     tmp_png.replace(png)
     _atomic_text(jpath, json.dumps({"meta": meta, "rows": rows, "plot": str(png)}, indent=1))
-    md = markdown(rows, meta) + "".join(f"\n{k}: not reached ({v})\n" for k, v in errors.items())
+    md = markdown(rows, meta) + "".join(
+        f"\n{k}: {v}\n" if v.startswith("not run") else f"\n{k}: not reached ({v})\n" for k, v in errors.items())
     md += f"\n![latency vs top-1]({png.name})\n"
     _atomic_text(mpath, md)
     print(md)

@@ -131,3 +131,82 @@ def test_bench_profile_bad_runs_is_exit_2(capsys):
     rc = run_cli(main, ["--profile", "--runs", "0"])
     _, err = capsys.readouterr()
     assert rc == 2 and err.strip().startswith("error:") and "--runs" in err
+
+
+class TinyReluBn(torch.nn.Module):
+    """conv + BN + ReLU (FuseBatchNorm / FuseActivation apply), LayerNorm, linear, softmax-bmm attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.ln = torch.nn.LayerNorm(8)
+        self.qkv = torch.nn.Linear(8, 24)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x))).flatten(2).transpose(1, 2)  # [1, N, 8]
+        q, k, v = self.qkv(self.ln(y)).chunk(3, dim=-1)
+        a = (q @ k.transpose(-2, -1)).softmax(-1) @ v  # [1, N, 8]
+        return self.fc(a + y)
+
+
+def test_lean_pass_table_matches_executorch():
+    """The skip table names ExecuTorch's XNNPACK passes, and its key op sets are held by every pattern
+    graph of the passes that match patterns (so a program without them cannot match)."""
+    from executorch.backends.xnnpack import _passes as xp
+    from executorch.backends.xnnpack.partition.graphs import bilinear_2d, sdpa
+
+    from mobilevit_deploy.export import et_lowering as lo
+
+    default = {p.__name__ for p in xp.XNNPACKPassManager(_ep(_tiny())).passes}
+    assert set(lo._PASS_APPLIES) <= default, set(lo._PASS_APPLIES) - default
+
+    def ops(g):
+        return {getattr(n.target, "__name__", str(n.target)) for n in g.graph.nodes if n.op == "call_function"}
+
+    for pattern in sdpa.get_graphs():
+        assert lo.SDPA_KEY_OPS <= ops(pattern)
+    for pattern in bilinear_2d.get_graphs_dict():
+        assert lo.BILINEAR_KEY_OPS <= ops(pattern)
+
+
+@pytest.mark.parametrize("make", [_tiny, lambda: TinyReluBn().eval()], ids=["tiny", "relu_bn_attention"])
+def test_lean_passes_and_skipped_decompositions_give_the_same_pte(make):
+    from executorch.backends.xnnpack import _passes as xp
+    from torch.export import ExportedProgram
+
+    from mobilevit_deploy.export.et_lowering import lean_xnnpack_passes, skip_noop_decompositions
+
+    torch.manual_seed(0)
+    ep = _ep(make())
+    full, _ = et.lower(ep, lean_passes=False, skip_decompositions=False)
+    passes: list = []  # (pass, ran) per pass and delegated subgraph
+    decomps: list = []  # skipped? per run_decompositions call
+    with lean_xnnpack_passes(passes), skip_noop_decompositions(decomps):
+        lean, _ = et.lower(ep, lean_passes=False, skip_decompositions=False)
+    assert hashlib.sha256(lean.buffer).digest() == hashlib.sha256(full.buffer).digest()
+    assert ("PReLUReshapePass", False) in passes and ("Conv1dUnsqueezePass", False) in passes
+    assert ("ChannelsLastTaggedReshapePass", True) in passes  # not in the table: always runs
+    if make is not _tiny:  # the ReLU after the (fused) BN is fused into the conv: that pass must run
+        assert ("FuseActivationPass", True) in passes
+    assert decomps[0] is False and True in decomps, decomps  # the first (our LayerNorm rewrite) always runs
+    # the patches are undone afterwards
+    before = xp.XNNPACKPassManager.transform, ExportedProgram.run_decompositions
+    with lean_xnnpack_passes(), skip_noop_decompositions():
+        assert xp.XNNPACKPassManager.transform is not before[0]
+        assert ExportedProgram.run_decompositions is not before[1]
+    assert (xp.XNNPACKPassManager.transform, ExportedProgram.run_decompositions) == before
+
+
+@pytest.mark.slow
+def test_speedups_give_the_same_pte_for_the_default_model():
+    """The shipped mobilevit_xxs, fp32: every lowering speed-up on vs all off, byte-identical .pte."""
+    from mobilevit_deploy.export import capture as cap
+    from mobilevit_deploy.pretrained import load_model
+
+    src = load_model("mobilevit_xxs")
+    ep = cap.capture(src.module, src.deploy_cfg)
+    fast, _ = et.lower(ep)
+    slow, _ = et.lower(ep, trim_provenance=False, lean_passes=False, skip_decompositions=False)
+    assert hashlib.sha256(fast.buffer).digest() == hashlib.sha256(slow.buffer).digest()

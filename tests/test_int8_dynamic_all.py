@@ -11,7 +11,8 @@ from mobilevit_deploy.errors import UserError
 from mobilevit_deploy.quantize import get_config
 
 
-def test_channel_linear_is_the_1x1_conv_norm_act_it_replaces():
+@pytest.mark.parametrize("hw", [(5, 7), (1, 1)])  # 1x1 pixel: the 2-D linear form (lowers at 32 px)
+def test_channel_linear_is_the_1x1_conv_norm_act_it_replaces(hw):
     from mobilevit_deploy.models.layers import ChannelLinearNormAct, ConvNormAct
 
     torch.manual_seed(0)
@@ -22,7 +23,7 @@ def test_channel_linear_is_the_1x1_conv_norm_act_it_replaces():
         cna.bn.weight.uniform_(0.5, 1.5)
         cna.bn.bias.uniform_(-0.2, 0.2)
     lin = ChannelLinearNormAct.from_conv_norm_act(cna)
-    x = torch.randn(2, 16, 5, 7)
+    x = torch.randn(2, 16, *hw)
     torch.testing.assert_close(lin(x), cna(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="not a dense 1x1"):
         ChannelLinearNormAct.from_conv_norm_act(ConvNormAct(16, 16, 3).eval())
@@ -56,20 +57,22 @@ def test_config_variants_and_bad_values():
 
 
 @pytest.mark.slow
-def test_mobilevit_int8_dynamic_all_lowers_to_one_delegate_and_runs(tmp_path):
+@pytest.mark.parametrize("size", [64, 32])
+def test_mobilevit_int8_dynamic_all_lowers_to_one_delegate_and_runs(tmp_path, size):
     """Without the rewrite this program fails at run time (XNNExecutor: Propagating input shapes failed).
-    (At 32 px the lowering itself fails, "Weight and Input should both be quantized": not the deploy size.)"""
+    At 32 px the last stage is 1x1 pixel: as an NHWC linear its input got a layout copy and the lowering
+    failed ("Weight and Input should both be quantized"); the 2-D linear form lowers."""
     import json
 
     from mobilevit_deploy.export import ModelSource, export_model
     from mobilevit_deploy.runtime import load_artifact
 
     res = export_model(ModelSource("mobilevit_xxs"), {"target": "executorch", "quant": "int8-dynamic-all",
-                                                     "size": 64}, out_dir=tmp_path, log=None)
+                                                     "size": size}, out_dir=tmp_path, log=None)
     m = json.loads(res.manifest_path.read_text())
     q = m["quantization"]
     assert m["ops_not_delegated"] == [] and m["verification"]["passed"]
     assert len(q["replaced_convs"]) == 3 and q["keep_float"]["units"] == []
     assert q["accuracy"]["sqnr_db"] > 20 and q["size_ratio_fp32"] < 0.35
-    out = load_artifact(res.artifact)(torch.zeros(1, 3, 64, 64))
+    out = load_artifact(res.artifact)(torch.zeros(1, 3, size, size))
     assert out.shape == (1, 10) and torch.isfinite(out).all()

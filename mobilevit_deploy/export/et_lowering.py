@@ -11,6 +11,15 @@ Phases (seconds, the manifest's `timings_s` keys `lower.<phase>`):
 - `to_executorch`: memory planning and emission of the program;
 (`serialization`, writing the `.pte`, is timed by the export's Compress stage.)
 
+**Lean XNNPACK passes** (`lean_xnnpack_passes`): XNNPACK's preprocess runs 17 graph passes, each
+followed by a re-trace of the whole program (~0.5 s each for mobilevit_xxs at 64 px, 2.3 s for the
+bilinear-upsample pass, which first exports its pattern graphs). Most of them rewrite one kind of
+op (PReLU, conv1d, max-pool getitems, dim-order copies, batch norms left unfused, ReLU/hardtanh
+fusion, concatenations of more than 5 inputs, ...) and leave a program without that op unchanged.
+While active, a pass runs only if the program holds what it acts on (`_PASS_APPLIES`, a necessary
+condition read from each pass's source); passes not in the table always run. The lowered program is
+byte-identical (tests/test_export_profile.py).
+
 The phases are timed by wrapping, for the duration of one lowering, the three ExecuTorch entry
 points that bound them (`_gen_edge_manager_for_partitioners`, the partitioner's `partition`, the
 backend's `preprocess`); if a newer ExecuTorch renames one, that phase is left out and its time
@@ -33,7 +42,7 @@ import contextlib
 import copy
 import time
 
-__all__ = ["shallow_provenance", "PhaseTimer"]
+__all__ = ["shallow_provenance", "lean_xnnpack_passes", "skip_noop_decompositions", "PhaseTimer"]
 
 
 @contextlib.contextmanager
@@ -84,6 +93,132 @@ def shallow_provenance():
         yield
     finally:
         ns_cls.__init__ = orig_init
+
+
+def _op_names(ep) -> set:
+    return {getattr(n.target, "__name__", str(n.target)) for n in ep.graph.nodes if n.op == "call_function"}
+
+
+def _linear_mm(ep) -> bool:
+    """ConvertToLinearPass: an [add]mm anywhere (its fallback transform), or a bmm inside the source
+    partition of an nn.Linear / F.linear (its main loop)."""
+    import torch
+    from torch.fx.passes.utils.source_matcher_utils import get_source_partitions
+
+    names = _op_names(ep)
+    if names & {"aten.mm.default", "aten.addmm.default"}:
+        return True
+    if "aten.bmm.default" not in names:
+        return False
+    parts = get_source_partitions(ep.graph, [torch.nn.Linear, torch.nn.functional.linear])
+    return any(getattr(n.target, "__name__", "") == "aten.bmm.default"
+               for ps in parts.values() for p in ps for n in p.nodes)
+
+
+def _const_inputs_only(ep) -> bool:
+    """ConstPropPass folds an op whose every argument is a real constant: a call with no input node,
+    or with get_attr inputs only (parameters are placeholders, hence fake tensors, while it re-traces)."""
+    return any(n.op == "call_function" and all(a.op == "get_attr" for a in n.all_input_nodes)
+               for n in ep.graph.nodes)
+
+
+def _has(*ops):
+    return lambda ep: bool(_op_names(ep) & set(ops))
+
+
+# SDPA patterns (executorch.backends.xnnpack.partition.graphs.sdpa): ops every pattern holds, so a
+# program without one of them cannot match (checked against the patterns in tests/test_export_profile.py)
+SDPA_KEY_OPS = frozenset({"aten._softmax.default", "aten.bmm.default", "aten.any.dim", "aten.where.self"})
+BILINEAR_KEY_OPS = frozenset({"aten.upsample_bilinear2d.vec"})
+
+_PASS_APPLIES = {
+    "DimOrderOpsRevertPass": lambda ep: any("dim_order" in s for s in _op_names(ep)),
+    "ConvertToUpsampleBilinear2d": lambda ep: BILINEAR_KEY_OPS <= _op_names(ep),
+    "ConvertToLinearPass": _linear_mm,
+    "PropagateCustomMetaPass": lambda ep: any("custom" in n.meta for n in ep.graph.nodes),
+    "ConvertToSDPAPass": lambda ep: SDPA_KEY_OPS <= _op_names(ep),
+    "ConstPropPass": _const_inputs_only,
+    "DecomposeBatchNorm": _has("aten.native_batch_norm.default", "aten._native_batch_norm_legit_no_training.default"),
+    "FuseActivationPass": _has("aten.relu.default", "aten.hardtanh.default"),
+    "DecomposeConcatenate": lambda ep: any(getattr(n.target, "__name__", "") == "aten.cat.default"
+                                           and len(n.args[0]) > 5 for n in ep.graph.nodes if n.op == "call_function"),
+    "RemoveGetItemPass": _has("aten.max_pool2d_with_indices.default", "aten.max.dim"),
+    "Conv1dUnsqueezePass": lambda ep: any(getattr(n.target, "__name__", "") == "aten.convolution.default"
+                                          and getattr(n.meta.get("val"), "ndim", 4) == 3 for n in ep.graph.nodes),
+    "PReLUReshapePass": _has("aten._prelu_kernel.default"),
+    "RemoveRedundantCopyPass": _has("aten._to_copy.default"),
+}
+
+
+@contextlib.contextmanager
+def lean_xnnpack_passes(record: list | None = None):
+    """While active, XNNPACK's preprocess skips the passes that cannot change the program (see the
+    module docstring); `record` receives (pass name, ran) per pass and delegated subgraph. No-op if ExecuTorch's pass manager moved."""
+    try:
+        from executorch.backends.xnnpack import _passes as xp
+        from executorch.backends.xnnpack._passes.xnnpack_pass import XNNPACKPass
+        from executorch.exir.pass_base import ExportPass
+
+        cls = xp.XNNPACKPassManager
+        orig = cls.transform
+        _transform = xp._transform
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def transform(self):
+        if not all(issubclass(p, (XNNPACKPass, ExportPass)) for p in self.passes):
+            return orig(self)  # a pass kind this wrapper does not know: ExecuTorch's own loop
+        ep = self.exported_program
+        for pass_ in self.passes:
+            applies = _PASS_APPLIES.get(pass_.__name__)
+            ran = applies is None or applies(ep)
+            if record is not None:
+                record.append((pass_.__name__, ran))
+            if not ran:
+                continue
+            ep = _transform(ep, pass_(ep) if issubclass(pass_, XNNPACKPass) else pass_())
+        return ep
+
+    cls.transform = transform
+    try:
+        yield
+    finally:
+        cls.transform = orig
+
+
+@contextlib.contextmanager
+def skip_noop_decompositions(record: list | None = None):
+    """While active, `ExportedProgram.run_decompositions(table)` on a program that is itself the output
+    of `run_decompositions` returns it unchanged when `table` is an explicit table holding none of its
+    ops (see the module docstring); `record` receives True per skipped call, False per call run."""
+    try:
+        from executorch.exir.graph_module import contains_any_call_fn_target_op
+        from torch.export import ExportedProgram
+    except ImportError:
+        yield
+        return
+    import weakref
+
+    orig = ExportedProgram.run_decompositions
+    functional = weakref.WeakSet()
+
+    def run_decompositions(self, decomp_table=None, *args, **kwargs):
+        skip = (not args and not kwargs and decomp_table is not None and self in functional
+                and not contains_any_call_fn_target_op(self.graph_module, list(decomp_table.keys())))
+        if record is not None:
+            record.append(skip)
+        if skip:
+            return self
+        out = orig(self, decomp_table, *args, **kwargs)
+        functional.add(out)
+        return out
+
+    ExportedProgram.run_decompositions = run_decompositions
+    try:
+        yield
+    finally:
+        ExportedProgram.run_decompositions = orig
 
 
 class PhaseTimer:

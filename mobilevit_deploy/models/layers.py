@@ -84,6 +84,10 @@ class ChannelLinearNormAct(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] == (1, 1):  # [B, C_in, 1, 1] -> [B, C_in] -> [B, C_out] -> [B, C_out, 1, 1]: a plain 2-D
+            # linear (XNNPACK's layout pass puts a copy between a dynamically quantized 1x1-pixel NHWC input
+            # and its linear, which then fails to lower: "Weight and Input should both be quantized")
+            return self.act(self.fc(x.flatten(1))[:, :, None, None])
         # [B, C_in, H, W] -> [B, H, W, C_in] -> [B, H, W, C_out] -> [B, C_out, H, W]
         return self.act(self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
