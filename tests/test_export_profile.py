@@ -176,27 +176,63 @@ def test_lean_passes_and_skipped_decompositions_give_the_same_pte(make):
     from executorch.backends.xnnpack import _passes as xp
     from torch.export import ExportedProgram
 
-    from mobilevit_deploy.export.et_lowering import lean_xnnpack_passes, skip_noop_decompositions
+    from executorch.exir.program import _program
+
+    from mobilevit_deploy.export.et_lowering import lean_edge_passes, lean_xnnpack_passes, skip_noop_decompositions
 
     torch.manual_seed(0)
     ep = _ep(make())
     full, _ = et.lower(ep, lean_passes=False, skip_decompositions=False)
     passes: list = []  # (pass, ran) per pass and delegated subgraph
     decomps: list = []  # skipped? per run_decompositions call
-    with lean_xnnpack_passes(passes), skip_noop_decompositions(decomps):
+    with lean_xnnpack_passes(passes), lean_edge_passes(passes), skip_noop_decompositions(decomps):
         lean, _ = et.lower(ep, lean_passes=False, skip_decompositions=False)
     assert hashlib.sha256(lean.buffer).digest() == hashlib.sha256(full.buffer).digest()
     assert ("PReLUReshapePass", False) in passes and ("Conv1dUnsqueezePass", False) in passes
     assert ("ChannelsLastTaggedReshapePass", True) in passes  # not in the table: always runs
+    assert ("NormalizeTransposePass", False) in passes and ("SymToTensorPass", False) in passes  # Edge passes
     if make is not _tiny:  # the ReLU after the (fused) BN is fused into the conv: that pass must run
         assert ("FuseActivationPass", True) in passes
     assert decomps[0] is False and True in decomps, decomps  # the first (our LayerNorm rewrite) always runs
     # the patches are undone afterwards
-    before = xp.XNNPACKPassManager.transform, ExportedProgram.run_decompositions
-    with lean_xnnpack_passes(), skip_noop_decompositions():
+    before = xp.XNNPACKPassManager.transform, ExportedProgram.run_decompositions, _program._get_aten_to_edge_passes
+    with lean_xnnpack_passes(), skip_noop_decompositions(), lean_edge_passes():
         assert xp.XNNPACKPassManager.transform is not before[0]
         assert ExportedProgram.run_decompositions is not before[1]
-    assert (xp.XNNPACKPassManager.transform, ExportedProgram.run_decompositions) == before
+        assert _program._get_aten_to_edge_passes is not before[2]
+    assert (xp.XNNPACKPassManager.transform, ExportedProgram.run_decompositions,
+            _program._get_aten_to_edge_passes) == before
+
+
+def _coreml_payloads(buffer: bytes, tmp_path) -> list:
+    """(ML program proto, weight file bytes) of every Core ML delegate payload of a `.pte`."""
+    import coremltools as ct
+    from executorch.backends.apple.coreml import executorchcoreml
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    pte = tmp_path / "p.pte"
+    pte.write_bytes(buffer)
+    out = []
+    for i, (backend, blob) in enumerate(et.inspect_pte(pte)["delegate_blobs"]):
+        d = tmp_path / f"payload{i}"
+        d.mkdir()
+        assert backend == "CoreMLBackend" and executorchcoreml.unflatten_directory_contents(blob, str(d))
+        pkg = d / "lowered_module" / "model.mlpackage"
+        spec = ct.models.MLModel(str(pkg), skip_model_load=True).get_spec()
+        weights = sorted(f.read_bytes() for f in pkg.rglob("*.bin"))
+        out.append((spec.mlProgram.SerializeToString(deterministic=True), weights))
+    return out
+
+
+def test_speedups_give_the_same_program_with_the_coreml_delegate(tmp_path):
+    """The Edge-side speed-ups apply to every backend. The Core ML delegate's payload is not byte-stable
+    run to run (a random model identifier, and the package manifest ordered by random ids), so its ML
+    program and weights are compared."""
+    ep = _ep(_tiny())
+    fast, _ = et.lower(ep, backend="coreml")
+    slow, _ = et.lower(ep, backend="coreml", trim_provenance=False, lean_passes=False, skip_decompositions=False)
+    a, b = _coreml_payloads(fast.buffer, tmp_path / "fast"), _coreml_payloads(slow.buffer, tmp_path / "slow")
+    assert len(a) == 1 and a == b
 
 
 @pytest.mark.slow

@@ -18,7 +18,10 @@ op (PReLU, conv1d, max-pool getitems, dim-order copies, batch norms left unfused
 fusion, concatenations of more than 5 inputs, ...) and leave a program without that op unchanged.
 While active, a pass runs only if the program holds what it acts on (`_PASS_APPLIES`, a necessary
 condition read from each pass's source); passes not in the table always run. The lowered program is
-byte-identical (tests/test_export_profile.py).
+byte-identical (tests/test_export_profile.py). `lean_edge_passes` does the same for four of the ATen ->
+Edge passes (`_EDGE_PASS_APPLIES`: `aten.t` normalisation, view ops left un-copied, symbolic values,
+elementwise ops of mixed dtypes), each another full re-trace (~0.5-0.9 s) that a static float program
+passes through unchanged.
 
 The phases are timed by wrapping, for the duration of one lowering, the three ExecuTorch entry
 points that bound them (`_gen_edge_manager_for_partitioners`, the partitioner's `partition`, the
@@ -42,7 +45,7 @@ import contextlib
 import copy
 import time
 
-__all__ = ["shallow_provenance", "lean_xnnpack_passes", "skip_noop_decompositions", "PhaseTimer"]
+__all__ = ["shallow_provenance", "lean_xnnpack_passes", "lean_edge_passes", "skip_noop_decompositions", "PhaseTimer"]
 
 
 @contextlib.contextmanager
@@ -148,6 +151,94 @@ _PASS_APPLIES = {
     "PReLUReshapePass": _has("aten._prelu_kernel.default"),
     "RemoveRedundantCopyPass": _has("aten._to_copy.default"),
 }
+
+
+_MIXED_TYPE_OPS = ("aten.add.Tensor", "aten.mul.Tensor", "aten.sub.Tensor", "aten.div.Tensor", "aten.div.Tensor_mode",
+                   "aten.minimum.default")
+
+
+def _mixed_type(gm) -> bool:
+    """RemoveMixedTypeOperators casts the inputs of an add/mul/sub/div/minimum to their promoted dtype:
+    it can change something only if such an op has a non-tensor input, inputs of differing dtypes, or a
+    non-floating dtype (integer division promotes to float)."""
+    import torch
+
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or getattr(n.target, "__name__", str(n.target)) not in _MIXED_TYPE_OPS:
+            continue
+        if len(n.args) <= 1:
+            continue
+        dtypes = set()
+        for a in n.args:
+            val = a.meta.get("val") if isinstance(a, torch.fx.Node) else None
+            if not isinstance(val, torch.Tensor):
+                return True
+            dtypes.add(val.dtype)
+        if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
+            return True
+    return False
+
+
+def _has_view_op(gm) -> bool:
+    """ReplaceBrokenOpsWithFunctionalOpsPass replaces view ops (OpOverload.is_view) by their _copy forms."""
+    import torch
+
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target.is_view
+               for n in gm.graph.nodes)
+
+
+def _has_symbolic(gm) -> bool:
+    """SymToTensorPass wraps SymInt / SymFloat / SymBool values used as tensors."""
+    import torch
+
+    return any(isinstance(n.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool)) for n in gm.graph.nodes)
+
+
+_EDGE_PASS_APPLIES = {
+    "NormalizeTransposePass": lambda gm: any(n.op == "call_function" and getattr(n.target, "__name__", "") == "aten.t.default"
+                                             for n in gm.graph.nodes),
+    "ReplaceBrokenOpsWithFunctionalOpsPass": _has_view_op,
+    "SymToTensorPass": _has_symbolic,
+    "RemoveMixedTypeOperators": _mixed_type,
+}
+
+
+@contextlib.contextmanager
+def lean_edge_passes(record: list | None = None):
+    """While active, the ATen -> Edge conversion skips the passes of `_EDGE_PASS_APPLIES` that cannot
+    change the graph; `record` receives (pass name, ran). No-op if ExecuTorch's helper moved."""
+    try:
+        from executorch.exir.program import _program
+        from torch.fx.passes.infra.pass_base import PassResult
+
+        orig = _program._get_aten_to_edge_passes
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def guard(p):
+        name = getattr(p, "__name__", None) or type(p).__name__
+        applies = _EDGE_PASS_APPLIES.get(name)
+        if applies is None:
+            return p
+
+        def guarded(gm):
+            ran = applies(gm)
+            if record is not None:
+                record.append((name, ran))
+            return p(gm) if ran else PassResult(gm, False)
+
+        return guarded
+
+    def get_passes(config):
+        pre, post = orig(config)
+        return [guard(p) for p in pre], post
+
+    _program._get_aten_to_edge_passes = get_passes
+    try:
+        yield
+    finally:
+        _program._get_aten_to_edge_passes = orig
 
 
 @contextlib.contextmanager

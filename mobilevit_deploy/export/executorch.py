@@ -122,20 +122,22 @@ def lower(ep, *, backend: str = "xnnpack", precision: str | None = None, minimum
     (et_lowering.shallow_provenance: byte-identical program, faster lowering). `decompose_quantized`
     (default): the LayerNorm rewrite for XNNPACK also in a quantized (pt2e / torchao) program, so the
     int8 program is one delegate call with no LayerNorm left to the portable kernels
-    (benchmarks/profile_mobilevit_xxs_256.md). `lean_passes` (default): XNNPACK's preprocess skips
-    the passes that cannot change this program (et_lowering.lean_xnnpack_passes: byte-identical
-    program, faster lowering). `skip_decompositions` (default): `run_decompositions` calls that can
+    (benchmarks/profile_mobilevit_xxs_256.md). `lean_passes` (default): XNNPACK's preprocess and the
+    ATen -> Edge conversion skip the passes that cannot change this program
+    (et_lowering.lean_xnnpack_passes / lean_edge_passes: byte-identical program, faster lowering). `skip_decompositions` (default): `run_decompositions` calls that can
     only re-trace the program unchanged are skipped (et_lowering.skip_noop_decompositions: byte-identical).
     """
     import contextlib
 
     from executorch.exir import to_edge_transform_and_lower
 
-    from .et_lowering import PhaseTimer, lean_xnnpack_passes, shallow_provenance, skip_noop_decompositions
+    from .et_lowering import (PhaseTimer, lean_edge_passes, lean_xnnpack_passes, shallow_provenance,
+                              skip_noop_decompositions)
 
     timer = PhaseTimer()
     null = contextlib.nullcontext
     with shallow_provenance() if trim_provenance else null(), lean_xnnpack_passes() if lean_passes else null(), \
+            lean_edge_passes() if lean_passes else null(), \
             skip_noop_decompositions() if skip_decompositions else null():
         with timer.phase("decompositions"):
             if backend == "xnnpack":  # quantized programs too: one delegate call, no portable LayerNorm
