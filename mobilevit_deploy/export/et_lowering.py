@@ -45,7 +45,8 @@ import contextlib
 import copy
 import time
 
-__all__ = ["shallow_provenance", "lean_xnnpack_passes", "lean_edge_passes", "skip_noop_decompositions", "PhaseTimer"]
+__all__ = ["shallow_provenance", "lean_xnnpack_passes", "lean_edge_passes", "skip_noop_decompositions",
+           "edge_decomposition_table", "PhaseTimer"]
 
 
 @contextlib.contextmanager
@@ -276,6 +277,31 @@ def lean_xnnpack_passes(record: list | None = None):
         yield
     finally:
         cls.transform = orig
+
+
+def edge_decomposition_table(ep, partitioners: list) -> dict | None:
+    """The operator decompositions `to_edge_transform_and_lower(ep, partitioner=partitioners)` applies in
+    its second `run_decompositions` (ExecuTorch's default table without the ops the partitioner keeps
+    whole, as `_gen_edge_manager_for_partitioners` computes it); None if ExecuTorch's helpers moved or
+    there is not exactly one partitioner."""
+    if len(partitioners) != 1:
+        return None
+    try:
+        from executorch.exir.program import _program
+        from executorch.exir.tracer import _default_decomposition_table
+    except ImportError:
+        return None
+    part = partitioners[0]
+    try:
+        keep, _ = part.ops_to_not_decompose(ep)
+        if not _program._can_skip_using_EDGE_DO_NOT_DECOMP(part, ep):
+            keep = _program._remove_invalid_ops_for_not_decompose(keep)
+    except (AttributeError, TypeError):
+        return None
+    table = _default_decomposition_table()
+    for op in keep:
+        table.pop(op, None)
+    return dict(table.items())
 
 
 @contextlib.contextmanager

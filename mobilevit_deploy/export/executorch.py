@@ -92,12 +92,13 @@ def layer_norm_for_xnnpack(x, normalized_shape, weight=None, bias=None, eps=1e-5
     return y
 
 
-def decompose_for_xnnpack(ep, *, quantized_too: bool = False):
+def decompose_for_xnnpack(ep, *, quantized_too: bool = False, edge_table: dict | None = None):
     """Rewrite last-dim LayerNorms of a float program so XNNPACK takes the whole graph.
 
     Programs with LayerNorms over several dims are returned unchanged, and so are programs with
     quantize/dequantize ops (pt2e, torchao) unless `quantized_too` (a study of that choice:
-    benchmarks/profile_pte.py --ln-decomp).
+    benchmarks/profile_pte.py --ln-decomp). `edge_table` (et_lowering.edge_decomposition_table): the
+    decompositions the Edge conversion applies next, applied in the same re-trace.
     """
     import torch
 
@@ -107,7 +108,7 @@ def decompose_for_xnnpack(ep, *, quantized_too: bool = False):
     quantized = any(getattr(n.target, "namespace", "") in ("quantized_decomposed", "torchao") for n in nodes)
     if not lns or (quantized and not quantized_too) or any(len(n.args[1]) != 1 for n in lns):
         return ep
-    return ep.run_decompositions({ln: layer_norm_for_xnnpack})
+    return ep.run_decompositions({**(edge_table or {}), ln: layer_norm_for_xnnpack})
 
 
 def lower(ep, *, backend: str = "xnnpack", precision: str | None = None, minimum_deployment_target: str = "iOS16",
@@ -131,18 +132,19 @@ def lower(ep, *, backend: str = "xnnpack", precision: str | None = None, minimum
 
     from executorch.exir import to_edge_transform_and_lower
 
-    from .et_lowering import (PhaseTimer, lean_edge_passes, lean_xnnpack_passes, shallow_provenance,
-                              skip_noop_decompositions)
+    from .et_lowering import (PhaseTimer, edge_decomposition_table, lean_edge_passes, lean_xnnpack_passes,
+                              shallow_provenance, skip_noop_decompositions)
 
     timer = PhaseTimer()
     null = contextlib.nullcontext
     with shallow_provenance() if trim_provenance else null(), lean_xnnpack_passes() if lean_passes else null(), \
             lean_edge_passes() if lean_passes else null(), \
             skip_noop_decompositions() if skip_decompositions else null():
+        parts = partitioners(backend, precision, minimum_deployment_target)
         with timer.phase("decompositions"):
             if backend == "xnnpack":  # quantized programs too: one delegate call, no portable LayerNorm
-                ep = decompose_for_xnnpack(ep, quantized_too=decompose_quantized)
-        parts = partitioners(backend, precision, minimum_deployment_target)
+                ep = decompose_for_xnnpack(ep, quantized_too=decompose_quantized,
+                                           edge_table=edge_decomposition_table(ep, parts) if skip_decompositions else None)
         with timer.executorch_phases(parts), timer.phase("to_edge_transform_and_lower"):
             edge = to_edge_transform_and_lower(ep, partitioner=parts)
         outside = ops_outside_delegate(edge.exported_program())
