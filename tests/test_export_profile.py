@@ -174,9 +174,8 @@ def test_lean_pass_table_matches_executorch():
 @pytest.mark.parametrize("make", [_tiny, lambda: TinyReluBn().eval()], ids=["tiny", "relu_bn_attention"])
 def test_lean_passes_and_skipped_decompositions_give_the_same_pte(make):
     from executorch.backends.xnnpack import _passes as xp
-    from torch.export import ExportedProgram
-
     from executorch.exir.program import _program
+    from torch.export import ExportedProgram
 
     from mobilevit_deploy.export.et_lowering import lean_edge_passes, lean_xnnpack_passes, skip_noop_decompositions
 

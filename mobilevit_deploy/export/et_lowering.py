@@ -196,8 +196,8 @@ def _has_symbolic(gm) -> bool:
 
 
 _EDGE_PASS_APPLIES = {
-    "NormalizeTransposePass": lambda gm: any(n.op == "call_function" and getattr(n.target, "__name__", "") == "aten.t.default"
-                                             for n in gm.graph.nodes),
+    "NormalizeTransposePass": lambda gm: any(
+        n.op == "call_function" and getattr(n.target, "__name__", "") == "aten.t.default" for n in gm.graph.nodes),
     "ReplaceBrokenOpsWithFunctionalOpsPass": _has_view_op,
     "SymToTensorPass": _has_symbolic,
     "RemoveMixedTypeOperators": _mixed_type,
@@ -245,7 +245,8 @@ def lean_edge_passes(record: list | None = None):
 @contextlib.contextmanager
 def lean_xnnpack_passes(record: list | None = None):
     """While active, XNNPACK's preprocess skips the passes that cannot change the program (see the
-    module docstring); `record` receives (pass name, ran) per pass and delegated subgraph. No-op if ExecuTorch's pass manager moved."""
+    module docstring); `record` receives (pass name, ran) per pass and delegated subgraph. No-op if
+    ExecuTorch's pass manager moved."""
     try:
         from executorch.backends.xnnpack import _passes as xp
         from executorch.backends.xnnpack._passes.xnnpack_pass import XNNPACKPass

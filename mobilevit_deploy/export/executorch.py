@@ -125,15 +125,22 @@ def lower(ep, *, backend: str = "xnnpack", precision: str | None = None, minimum
     int8 program is one delegate call with no LayerNorm left to the portable kernels
     (benchmarks/profile_mobilevit_xxs_256.md). `lean_passes` (default): XNNPACK's preprocess and the
     ATen -> Edge conversion skip the passes that cannot change this program
-    (et_lowering.lean_xnnpack_passes / lean_edge_passes: byte-identical program, faster lowering). `skip_decompositions` (default): `run_decompositions` calls that can
+    (et_lowering.lean_xnnpack_passes / lean_edge_passes: byte-identical program, faster lowering).
+    `skip_decompositions` (default): `run_decompositions` calls that can
     only re-trace the program unchanged are skipped (et_lowering.skip_noop_decompositions: byte-identical).
     """
     import contextlib
 
     from executorch.exir import to_edge_transform_and_lower
 
-    from .et_lowering import (PhaseTimer, edge_decomposition_table, lean_edge_passes, lean_xnnpack_passes,
-                              shallow_provenance, skip_noop_decompositions)
+    from .et_lowering import (
+        PhaseTimer,
+        edge_decomposition_table,
+        lean_edge_passes,
+        lean_xnnpack_passes,
+        shallow_provenance,
+        skip_noop_decompositions,
+    )
 
     timer = PhaseTimer()
     null = contextlib.nullcontext
@@ -143,8 +150,8 @@ def lower(ep, *, backend: str = "xnnpack", precision: str | None = None, minimum
         parts = partitioners(backend, precision, minimum_deployment_target)
         with timer.phase("decompositions"):
             if backend == "xnnpack":  # quantized programs too: one delegate call, no portable LayerNorm
-                ep = decompose_for_xnnpack(ep, quantized_too=decompose_quantized,
-                                           edge_table=edge_decomposition_table(ep, parts) if skip_decompositions else None)
+                table = edge_decomposition_table(ep, parts) if skip_decompositions else None
+                ep = decompose_for_xnnpack(ep, quantized_too=decompose_quantized, edge_table=table)
         with timer.executorch_phases(parts), timer.phase("to_edge_transform_and_lower"):
             edge = to_edge_transform_and_lower(ep, partitioner=parts)
         outside = ops_outside_delegate(edge.exported_program())
