@@ -50,6 +50,18 @@ __all__ = ["shallow_provenance", "lean_xnnpack_passes", "lean_edge_passes", "ski
 
 
 @contextlib.contextmanager
+def _swapped(owner, name: str, value):
+    """`owner.name = value` while active, the original put back afterwards (the one patch-and-restore of
+    this module's context managers)."""
+    orig = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, orig)
+
+
+@contextlib.contextmanager
 def shallow_provenance():
     """While active, `NodeSource(node)` copies only the direct parents of `node` (depth 1), not the
     whole chain. No-op if torch's NodeSource does not look as expected."""
@@ -92,11 +104,8 @@ def shallow_provenance():
         else:
             orig_init(self, node, pass_name, action)
 
-    ns_cls.__init__ = init
-    try:
+    with _swapped(ns_cls, "__init__", init):
         yield
-    finally:
-        ns_cls.__init__ = orig_init
 
 
 def _op_names(ep) -> set:
@@ -235,11 +244,8 @@ def lean_edge_passes(record: list | None = None):
         pre, post = orig(config)
         return [guard(p) for p in pre], post
 
-    _program._get_aten_to_edge_passes = get_passes
-    try:
+    with _swapped(_program, "_get_aten_to_edge_passes", get_passes):
         yield
-    finally:
-        _program._get_aten_to_edge_passes = orig
 
 
 @contextlib.contextmanager
@@ -273,11 +279,8 @@ def lean_xnnpack_passes(record: list | None = None):
             ep = _transform(ep, pass_(ep) if issubclass(pass_, XNNPACKPass) else pass_())
         return ep
 
-    cls.transform = transform
-    try:
+    with _swapped(cls, "transform", transform):
         yield
-    finally:
-        cls.transform = orig
 
 
 def edge_decomposition_table(ep, partitioners: list) -> dict | None:
@@ -332,11 +335,8 @@ def skip_noop_decompositions(record: list | None = None):
         functional.add(out)
         return out
 
-    ExportedProgram.run_decompositions = run_decompositions
-    try:
+    with _swapped(ExportedProgram, "run_decompositions", run_decompositions):
         yield
-    finally:
-        ExportedProgram.run_decompositions = orig
 
 
 class PhaseTimer:
