@@ -7,7 +7,7 @@ Each round runs, one after another in fresh processes (the order rotating every 
 phase of the shared machine hits all alike), `python -m mobilevit_deploy.export` for:
 `onnx`; `executorch` as this tree does it; `executorch` with each of the lowering's speed-ups of
 export/et_lowering.py switched off alone (provenance trimming, lean XNNPACK passes, skipped no-op
-decompositions; with `--all-switches`) and all three off (ExecuTorch's own
+decompositions, validate-once, the libyaml import; with `--all-switches`) and all off (ExecuTorch's own
 `to_edge_transform_and_lower`; the rest of this tree unchanged); and, with `--before-tree DIR` (a
 copy of the package before the change, e.g. `git archive HEAD | tar -x -C DIR`), `executorch` by
 that tree. Every export's wall time is measured around the process; its manifest's `timings_s`
@@ -32,7 +32,10 @@ SWITCHED_OFF = {
     "executorch (no provenance trim)": {"trim_provenance": False},
     "executorch (no lean passes)": {"lean_passes": False},
     "executorch (no skipped decompositions)": {"skip_decompositions": False},
-    "executorch (all speed-ups off)": {"trim_provenance": False, "lean_passes": False, "skip_decompositions": False},
+    "executorch (no validate-once)": {"validate_once": False},
+    "executorch (no fast import)": {"fast_import": False},
+    "executorch (all speed-ups off)": {"trim_provenance": False, "lean_passes": False, "skip_decompositions": False,
+                                       "validate_once": False, "fast_import": False},
 }
 
 
@@ -83,7 +86,7 @@ def main(argv=None):
     p.add_argument("--before-tree", default=None, help="a copy of the package before the change")
     p.add_argument("--size", default=None, help="export --size (default: the weights' deploy size)")
     p.add_argument("--all-switches", action="store_true",
-                   help="also each speed-up switched off alone (default: only all three off)")
+                   help="also each speed-up switched off alone (default: only all off)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     size = ["--size", a.size] if a.size else []

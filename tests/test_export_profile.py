@@ -181,7 +181,7 @@ def test_lean_passes_and_skipped_decompositions_give_the_same_pte(make):
 
     torch.manual_seed(0)
     ep = _ep(make())
-    full, _ = et.lower(ep, lean_passes=False, skip_decompositions=False)
+    full, _ = et.lower(ep, lean_passes=False, skip_decompositions=False, validate_once=False)
     passes: list = []  # (pass, ran) per pass and delegated subgraph
     decomps: list = []  # skipped? per run_decompositions call
     with lean_xnnpack_passes(passes), lean_edge_passes(passes), skip_noop_decompositions(decomps):
@@ -229,7 +229,8 @@ def test_speedups_give_the_same_program_with_the_coreml_delegate(tmp_path):
     program and weights are compared."""
     ep = _ep(_tiny())
     fast, _ = et.lower(ep, backend="coreml")
-    slow, _ = et.lower(ep, backend="coreml", trim_provenance=False, lean_passes=False, skip_decompositions=False)
+    slow, _ = et.lower(ep, backend="coreml", trim_provenance=False, lean_passes=False, skip_decompositions=False,
+                       validate_once=False)
     a, b = _coreml_payloads(fast.buffer, tmp_path / "fast"), _coreml_payloads(slow.buffer, tmp_path / "slow")
     assert len(a) == 1 and a == b
 
@@ -243,5 +244,66 @@ def test_speedups_give_the_same_pte_for_the_default_model():
     src = load_model("mobilevit_xxs")
     ep = cap.capture(src.module, src.deploy_cfg)
     fast, _ = et.lower(ep)
-    slow, _ = et.lower(ep, trim_provenance=False, lean_passes=False, skip_decompositions=False)
+    slow, _ = et.lower(ep, trim_provenance=False, lean_passes=False, skip_decompositions=False,
+                       validate_once=False)
     assert hashlib.sha256(fast.buffer).digest() == hashlib.sha256(slow.buffer).digest()
+
+
+def test_import_exir_parses_the_edge_table_as_ruamel_does():
+    """import_exir's libyaml parse of ExecuTorch's Edge operator table equals ruamel's (the loader
+    ExecuTorch itself uses), and the swap does not outlive the import."""
+    from importlib import resources
+
+    import executorch.exir.dialects.edge as edge_package
+    import ruamel.yaml
+
+    from mobilevit_deploy.export.et_lowering import import_exir
+
+    import_exir()
+    from executorch.exir.dialects.edge import _ops
+
+    text = (resources.files(edge_package) / "edge.yaml").read_text(encoding="utf-8")
+    by_ruamel = {e["inherits"]: e for e in ruamel.yaml.YAML(typ="safe").load(text)}
+    assert by_ruamel and _ops._edge_dialect_info == by_ruamel
+    assert _ops.YAML is ruamel.yaml.YAML and ruamel.yaml.YAML.__module__.startswith("ruamel")
+
+
+def test_validate_once_defers_per_pass_checks_and_still_validates():
+    """Inside validate_once the per-pass verifications are deferred, the Edge program is validated once
+    after the conversion, lower() validates the result, the .pte is the same, and the patch is undone."""
+    from torch.export import ExportedProgram
+
+    from mobilevit_deploy.export.et_lowering import validate_now, validate_once
+
+    ep = _ep(_tiny())
+    every, _ = et.lower(ep, validate_once=False)
+    record: list = []
+    with validate_once(record):
+        once, _ = et.lower(ep, validate_once=False)
+    assert hashlib.sha256(once.buffer).digest() == hashlib.sha256(every.buffer).digest()
+    assert record.count("deferred") >= 5 and record.count("validated") == 1, record
+    before = ExportedProgram._validate
+    with validate_once():
+        assert ExportedProgram._validate is not before
+    assert ExportedProgram._validate is before
+
+    # a program its verifier rejects still fails in validate_now
+    class Broken:
+        verifiers = []
+
+    with pytest.raises(AssertionError, match="at least one verifier"):
+        validate_now(Broken())
+
+
+def test_lower_of_several_methods_equals_executorchs_own():
+    """lower({method: program}) (the cascade's one-program-per-stage lowering) gives ExecuTorch's own
+    multi-method program byte for byte, with the ops outside the delegate per method."""
+    from executorch.exir import to_edge_transform_and_lower
+
+    m = _tiny()
+    progs = {f"forward_{s}": torch.export.export(m, (torch.randn(1, 3, s, s),)) for s in (16, 32)}
+    fast, outside = et.lower(progs)
+    own = to_edge_transform_and_lower({k: et.decompose_for_xnnpack(p) for k, p in progs.items()},
+                                      partitioner=et.partitioners("xnnpack")).to_executorch()
+    assert hashlib.sha256(fast.buffer).digest() == hashlib.sha256(own.buffer).digest()
+    assert outside == {"forward_16": {}, "forward_32": {}}

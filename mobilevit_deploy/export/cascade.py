@@ -231,15 +231,13 @@ def capture_stages(source, ctx):
 
 
 def lower_executorch(programs: dict, deploy_cfg, config, name: str, scheme: str = "fp32"):
-    """All stages lowered together to XNNPACK: one ExecutorchProgramManager, one method per stage."""
-    from executorch.exir import to_edge_transform_and_lower
-
+    """All stages lowered together to XNNPACK (`executorch.lower` of {method: program}, with its
+    speed-ups): one ExecutorchProgramManager, one method per stage."""
     from . import executorch as et
     from .stages import LoweredProgram
 
-    progs = {k: et.decompose_for_xnnpack(ep) for k, ep in programs.items()}
-    edge = to_edge_transform_and_lower(progs, partitioner=et.partitioners("xnnpack", config.precision))
-    by_method = {k: et.ops_outside_delegate(edge.exported_program(k)) for k in progs}
+    progs = dict(programs)
+    program, by_method = et.lower(progs, precision=config.precision)
     outside: dict[str, int] = {}
     for ops in by_method.values():
         for op, n in ops.items():
@@ -249,7 +247,7 @@ def lower_executorch(programs: dict, deploy_cfg, config, name: str, scheme: str 
             + (f"{n_out} ops outside the delegate: " + ", ".join(f"{k} x{v}" for k, v in sorted(outside.items()))
                if outside else "every op of every method delegated"))
     extra = {"ops_not_delegated_counts": dict(sorted(outside.items())), "ops_not_delegated_by_method": by_method}
-    return LoweredProgram(edge.to_executorch(), et.save, what, ops_outside=dict(sorted(outside.items())), extra=extra)
+    return LoweredProgram(program, et.save, what, ops_outside=dict(sorted(outside.items())), extra=extra)
 
 
 def _dir_size(p: Path) -> int:

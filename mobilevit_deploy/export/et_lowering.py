@@ -2,14 +2,29 @@
 
 Phases (seconds, the manifest's `timings_s` keys `lower.<phase>`):
 
+- `import`: the first `import executorch.exir` of the process (`import_exir`);
 - `decompositions`: our own rewrite before lowering (`decompose_for_xnnpack`: LayerNorm for XNNPACK);
 - `edge_dialect`: ExecuTorch's ATen -> Edge conversion (its decompositions, op checks), the first
   step of `to_edge_transform_and_lower`;
 - `partitioning`: the partitioner choosing the delegated subgraphs;
 - `delegate_preprocess`: the backend compiling each subgraph (XNNPACK: its ~17 graph passes, then
   the flatbuffer of the delegate payload);
+- `validate`: the lowered program's verifiers, run once (`validate_once`);
 - `to_executorch`: memory planning and emission of the program;
 (`serialization`, writing the `.pte`, is timed by the export's Compress stage.)
+
+**Import** (`import_exir`): importing `executorch.exir` parses the Edge dialect's operator table
+(`edge.yaml`, 138 kB) with ruamel's pure-Python safe loader, ~1.3-2 s of a ~4-8 s import. Imported
+through `import_exir`, the same file is parsed by libyaml (PyYAML's `CSafeLoader`, ~0.2 s); the
+parsed table is the same (tests/test_export_profile.py compares both loaders on the installed file).
+
+**Validate once** (`validate_once`): every `ExportedProgram` built while lowering (after each Edge
+and XNNPACK pass, ~20 per lowering) re-runs the verifiers (graph invariants, Edge dialect dtype
+tables): ~12 % of the lowering. While active, those checks are deferred, and the programs that
+matter are validated once each: the whole program in the Edge dialect (after the ATen -> Edge
+conversion, before partitioning: every op's dtypes checked) and the lowered result. The program is
+unchanged (checks do not rewrite it); what is lost is only the name of the pass that broke the IR, if
+one ever did.
 
 **Lean XNNPACK passes** (`lean_xnnpack_passes`): XNNPACK's preprocess runs 17 graph passes, each
 followed by a re-trace of the whole program (~0.5 s each for mobilevit_xxs at 64 px, 2.3 s for the
@@ -46,7 +61,7 @@ import copy
 import time
 
 __all__ = ["shallow_provenance", "lean_xnnpack_passes", "lean_edge_passes", "skip_noop_decompositions",
-           "edge_decomposition_table", "PhaseTimer"]
+           "edge_decomposition_table", "import_exir", "validate_once", "PhaseTimer"]
 
 
 @contextlib.contextmanager
@@ -337,6 +352,84 @@ def skip_noop_decompositions(record: list | None = None):
 
     with _swapped(ExportedProgram, "run_decompositions", run_decompositions):
         yield
+
+
+def import_exir():
+    """`import executorch.exir`, its Edge-dialect operator table parsed by libyaml instead of ruamel's
+    pure-Python loader (see the module docstring). Plain import if it is already imported or either
+    YAML library is missing."""
+    import sys
+
+    if "executorch.exir.dialects.edge._ops" in sys.modules:
+        import executorch.exir
+        return executorch.exir
+    try:
+        import ruamel.yaml
+        import yaml
+
+        c_loader = yaml.CSafeLoader
+        real = ruamel.yaml.YAML
+    except (ImportError, AttributeError):
+        import executorch.exir
+        return executorch.exir
+
+    class _LibyamlSafe:
+        """`ruamel.yaml.YAML(typ="safe")`'s load by libyaml; any other kind is ruamel's own."""
+
+        def __new__(cls, *args, typ=None, **kwargs):
+            if args or kwargs or typ != "safe":
+                return real(*args, typ=typ, **kwargs)
+            return super().__new__(cls)
+
+        def load(self, stream):
+            return yaml.load(stream, Loader=c_loader)
+
+    with _swapped(ruamel.yaml, "YAML", _LibyamlSafe):
+        import executorch.exir
+        from executorch.exir.dialects.edge import _ops
+    _ops.YAML = real  # nothing of the swap outlives the import
+    return executorch.exir
+
+
+@contextlib.contextmanager
+def validate_once(record: list | None = None):
+    """While active, `ExportedProgram` verification is deferred (see the module docstring): the
+    ATen -> Edge conversion's programs are validated once each as it returns them; the caller
+    validates the lowered result (`validate_now`). `record` receives "deferred" / "validated" per call.
+    No-op if ExecuTorch's helper moved."""
+    try:
+        from executorch.exir.program import _program
+        from torch.export import ExportedProgram
+
+        ExportedProgram._validate  # noqa: B018 -- the attribute the patch replaces must exist
+        gen = _program._gen_edge_manager_for_partitioners
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def deferred(self):
+        if record is not None:
+            record.append("deferred")
+
+    def gen_validated(*a, **k):
+        manager = gen(*a, **k)
+        for name in manager.methods:
+            validate_now(manager.exported_program(name), record)
+        return manager
+
+    with _swapped(ExportedProgram, "_validate", deferred), \
+            _swapped(_program, "_gen_edge_manager_for_partitioners", gen_validated):
+        yield
+
+
+def validate_now(ep, record: list | None = None):
+    """Run `ep`'s verifiers now, even inside `validate_once`."""
+    if record is not None:
+        record.append("validated")
+    if not ep.verifiers:
+        raise AssertionError("ExportedProgram must have at least one verifier.")
+    for v in ep.verifiers:  # ExportedProgram._validate's loop, reached past a deferring patch
+        v().check(ep)
 
 
 class PhaseTimer:

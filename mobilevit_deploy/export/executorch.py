@@ -113,10 +113,13 @@ def decompose_for_xnnpack(ep, *, quantized_too: bool = False, edge_table: dict |
 
 def lower(ep, *, backend: str = "xnnpack", precision: str | None = None, minimum_deployment_target: str = "iOS16",
           timings: dict | None = None, trim_provenance: bool = True, decompose_quantized: bool = True,
-          lean_passes: bool = True, skip_decompositions: bool = True):
+          lean_passes: bool = True, skip_decompositions: bool = True, validate_once: bool = True,
+          fast_import: bool = True):
     """`to_edge_transform_and_lower(ep, partitioner=[...]).to_executorch()`.
 
-    Returns (ExecutorchProgramManager, {op name: count} outside the delegate). `timings`, when
+    Returns (ExecutorchProgramManager, {op name: count} outside the delegate). `ep` may also be a dict
+    {method name: ExportedProgram}, lowered together into one program with one method each (the
+    cascade); the ops outside the delegate are then {method: {op name: count}}. `timings`, when
     given, receives the seconds of each phase (et_lowering.py: decompositions, edge_dialect,
     partitioning, delegate_preprocess, to_executorch). `trim_provenance` (default) keeps only the
     direct parents and the root of FX's per-node provenance while lowering
@@ -128,33 +131,50 @@ def lower(ep, *, backend: str = "xnnpack", precision: str | None = None, minimum
     (et_lowering.lean_xnnpack_passes / lean_edge_passes: byte-identical program, faster lowering).
     `skip_decompositions` (default): `run_decompositions` calls that can
     only re-trace the program unchanged are skipped (et_lowering.skip_noop_decompositions: byte-identical).
+    `validate_once` (default): the program is verified after the ATen -> Edge conversion and once
+    lowered, not after every pass (et_lowering.validate_once). `fast_import` (default): ExecuTorch's
+    Edge operator table parsed by libyaml on first import (et_lowering.import_exir).
     """
     import contextlib
-
-    from executorch.exir import to_edge_transform_and_lower
+    import importlib
 
     from .et_lowering import (
         PhaseTimer,
         edge_decomposition_table,
+        import_exir,
         lean_edge_passes,
         lean_xnnpack_passes,
         shallow_provenance,
         skip_noop_decompositions,
+        validate_now,
     )
+    from .et_lowering import validate_once as deferred_validation
 
     timer = PhaseTimer()
+    with timer.phase("import"):
+        exir = import_exir() if fast_import else importlib.import_module("executorch.exir")
     null = contextlib.nullcontext
     with shallow_provenance() if trim_provenance else null(), lean_xnnpack_passes() if lean_passes else null(), \
             lean_edge_passes() if lean_passes else null(), \
             skip_noop_decompositions() if skip_decompositions else null():
         parts = partitioners(backend, precision, minimum_deployment_target)
+        progs = dict(ep) if isinstance(ep, dict) else {"forward": ep}
         with timer.phase("decompositions"):
             if backend == "xnnpack":  # quantized programs too: one delegate call, no portable LayerNorm
-                table = edge_decomposition_table(ep, parts) if skip_decompositions else None
-                ep = decompose_for_xnnpack(ep, quantized_too=decompose_quantized, edge_table=table)
-        with timer.executorch_phases(parts), timer.phase("to_edge_transform_and_lower"):
-            edge = to_edge_transform_and_lower(ep, partitioner=parts)
-        outside = ops_outside_delegate(edge.exported_program())
+                for k, p in progs.items():
+                    table = edge_decomposition_table(p, parts) if skip_decompositions else None
+                    progs[k] = decompose_for_xnnpack(p, quantized_too=decompose_quantized, edge_table=table)
+        with deferred_validation() if validate_once else null(), timer.executorch_phases(parts), \
+                timer.phase("to_edge_transform_and_lower"):
+            edge = exir.to_edge_transform_and_lower(progs if isinstance(ep, dict) else progs["forward"],
+                                                    partitioner=parts)
+        if validate_once:
+            with timer.phase("validate"):
+                for name in edge.methods:
+                    validate_now(edge.exported_program(name))
+        outside = {k: ops_outside_delegate(edge.exported_program(k)) for k in progs}
+        if not isinstance(ep, dict):
+            outside = outside["forward"]
         with timer.phase("to_executorch"):
             program = edge.to_executorch()
     if timings is not None:
