@@ -181,7 +181,7 @@ def test_lean_passes_and_skipped_decompositions_give_the_same_pte(make):
 
     torch.manual_seed(0)
     ep = _ep(make())
-    full, _ = et.lower(ep, lean_passes=False, skip_decompositions=False, validate_once=False)
+    full, _ = et.lower(ep, lean_passes=False, skip_decompositions=False, validate_once=False, delegate_meta=False)
     passes: list = []  # (pass, ran) per pass and delegated subgraph
     decomps: list = []  # skipped? per run_decompositions call
     with lean_xnnpack_passes(passes), lean_edge_passes(passes), skip_noop_decompositions(decomps):
@@ -230,7 +230,7 @@ def test_speedups_give_the_same_program_with_the_coreml_delegate(tmp_path):
     ep = _ep(_tiny())
     fast, _ = et.lower(ep, backend="coreml")
     slow, _ = et.lower(ep, backend="coreml", trim_provenance=False, lean_passes=False, skip_decompositions=False,
-                       validate_once=False)
+                       validate_once=False, delegate_meta=False)
     a, b = _coreml_payloads(fast.buffer, tmp_path / "fast"), _coreml_payloads(slow.buffer, tmp_path / "slow")
     assert len(a) == 1 and a == b
 
@@ -245,7 +245,7 @@ def test_speedups_give_the_same_pte_for_the_default_model():
     ep = cap.capture(src.module, src.deploy_cfg)
     fast, _ = et.lower(ep)
     slow, _ = et.lower(ep, trim_provenance=False, lean_passes=False, skip_decompositions=False,
-                       validate_once=False)
+                       validate_once=False, delegate_meta=False)
     assert hashlib.sha256(fast.buffer).digest() == hashlib.sha256(slow.buffer).digest()
 
 
@@ -307,3 +307,24 @@ def test_lower_of_several_methods_equals_executorchs_own():
                                       partitioner=et.partitioners("xnnpack")).to_executorch()
     assert hashlib.sha256(fast.buffer).digest() == hashlib.sha256(own.buffer).digest()
     assert outside == {"forward_16": {}, "forward_32": {}}
+
+
+def test_delegate_outputs_from_meta_give_the_same_pte():
+    """Passes after partitioning answer the delegate call's fake outputs from metadata (at least once),
+    the .pte is the same as with the delegated program re-run, and the patch is undone."""
+    from executorch.exir.delegate import executorch_call_delegate
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mobilevit_deploy.export.et_lowering import delegate_outputs_from_meta
+
+    ep = _ep(_tiny())
+    rerun, _ = et.lower(ep, delegate_meta=False)
+    record: list = []
+    with delegate_outputs_from_meta(record):
+        meta, _ = et.lower(ep, delegate_meta=False)
+    assert hashlib.sha256(meta.buffer).digest() == hashlib.sha256(rerun.buffer).digest()
+    assert record and all(record), record
+    before = executorch_call_delegate.python_key_table[FakeTensorMode]
+    with delegate_outputs_from_meta():
+        assert executorch_call_delegate.python_key_table[FakeTensorMode] is not before
+    assert executorch_call_delegate.python_key_table[FakeTensorMode] is before

@@ -26,6 +26,14 @@ conversion, before partitioning: every op's dtypes checked) and the lowered resu
 unchanged (checks do not rewrite it); what is lost is only the name of the pass that broke the IR, if
 one ever did.
 
+**Delegate outputs from metadata** (`delegate_outputs_from_meta`): every pass that re-traces the
+program after partitioning (`to_executorch`'s spec propagation and dim-order legalisation, ...) meets
+the delegate call and, to know its outputs' shapes, runs the delegated subgraph's whole original
+program again on fake tensors (~0.3-0.5 s each for mobilevit_xxs). While active, the fake outputs are
+made from the shapes, strides and dtypes that program already records on its output node; programs
+with outputs other than plain user outputs take ExecuTorch's own path. Byte-identical `.pte`
+(tests/test_export_profile.py).
+
 **Lean XNNPACK passes** (`lean_xnnpack_passes`): XNNPACK's preprocess runs 17 graph passes, each
 followed by a re-trace of the whole program (~0.5 s each for mobilevit_xxs at 64 px, 2.3 s for the
 bilinear-upsample pass, which first exports its pattern graphs). Most of them rewrite one kind of
@@ -61,19 +69,20 @@ import copy
 import time
 
 __all__ = ["shallow_provenance", "lean_xnnpack_passes", "lean_edge_passes", "skip_noop_decompositions",
-           "edge_decomposition_table", "import_exir", "validate_once", "PhaseTimer"]
+           "edge_decomposition_table", "import_exir", "validate_once", "delegate_outputs_from_meta", "PhaseTimer"]
 
 
 @contextlib.contextmanager
-def _swapped(owner, name: str, value):
-    """`owner.name = value` while active, the original put back afterwards (the one patch-and-restore of
-    this module's context managers)."""
-    orig = getattr(owner, name)
-    setattr(owner, name, value)
+def _swapped(owner, name, value):
+    """`owner.name = value` (`owner[name] = value` for a dict) while active, the original put back
+    afterwards (the one patch-and-restore of this module's context managers)."""
+    get, put = (dict.__getitem__, dict.__setitem__) if isinstance(owner, dict) else (getattr, setattr)
+    orig = get(owner, name)
+    put(owner, name, value)
     try:
         yield
     finally:
-        setattr(owner, name, orig)
+        put(owner, name, orig)
 
 
 @contextlib.contextmanager
@@ -430,6 +439,50 @@ def validate_now(ep, record: list | None = None):
         raise AssertionError("ExportedProgram must have at least one verifier.")
     for v in ep.verifiers:  # ExportedProgram._validate's loop, reached past a deferring patch
         v().check(ep)
+
+
+@contextlib.contextmanager
+def delegate_outputs_from_meta(record: list | None = None):
+    """While active, `executorch_call_delegate` under a FakeTensorMode returns fresh fake tensors shaped
+    like the lowered program's recorded outputs instead of re-running it (see the module docstring);
+    `record` receives True per call answered from metadata, False per call run as before. No-op if
+    ExecuTorch's operator moved."""
+    try:
+        import torch
+        from executorch.exir.delegate import executorch_call_delegate
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.export.graph_signature import OutputKind
+        from torch.utils import _pytree as pytree
+
+        table = executorch_call_delegate.python_key_table
+        orig = table[FakeTensorMode]
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def outputs_meta(lowered_module):
+        ep = getattr(lowered_module, "original_module", None)
+        if ep is None or any(o.kind != OutputKind.USER_OUTPUT for o in ep.graph_signature.output_specs):
+            return None
+        out = [n for n in ep.graph.nodes if n.op == "output"][0].args[0]
+        vals = [getattr(a, "meta", {}).get("val") for a in out]
+        if not all(isinstance(v, torch.Tensor) for v in vals):
+            return None
+        return vals, ep.call_spec.out_spec
+
+    def fake_outputs(mode, lowered_module, *args):
+        meta = outputs_meta(lowered_module)
+        if record is not None:
+            record.append(meta is not None)
+        if meta is None:
+            return orig(mode, lowered_module, *args)
+        vals, spec = meta
+        with mode:
+            fakes = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device) for v in vals]
+        return pytree.tree_unflatten(fakes, spec) if spec is not None else tuple(fakes)
+
+    with _swapped(table, FakeTensorMode, fake_outputs):
+        yield
 
 
 class PhaseTimer:

@@ -114,7 +114,7 @@ def decompose_for_xnnpack(ep, *, quantized_too: bool = False, edge_table: dict |
 def lower(ep, *, backend: str = "xnnpack", precision: str | None = None, minimum_deployment_target: str = "iOS16",
           timings: dict | None = None, trim_provenance: bool = True, decompose_quantized: bool = True,
           lean_passes: bool = True, skip_decompositions: bool = True, validate_once: bool = True,
-          fast_import: bool = True):
+          fast_import: bool = True, delegate_meta: bool = True):
     """`to_edge_transform_and_lower(ep, partitioner=[...]).to_executorch()`.
 
     Returns (ExecutorchProgramManager, {op name: count} outside the delegate). `ep` may also be a dict
@@ -133,13 +133,17 @@ def lower(ep, *, backend: str = "xnnpack", precision: str | None = None, minimum
     only re-trace the program unchanged are skipped (et_lowering.skip_noop_decompositions: byte-identical).
     `validate_once` (default): the program is verified after the ATen -> Edge conversion and once
     lowered, not after every pass (et_lowering.validate_once). `fast_import` (default): ExecuTorch's
-    Edge operator table parsed by libyaml on first import (et_lowering.import_exir).
+    Edge operator table parsed by libyaml on first import (et_lowering.import_exir). `delegate_meta`
+    (default): passes after partitioning take the delegate call's output shapes from its recorded
+    metadata instead of re-running the delegated program on fake tensors
+    (et_lowering.delegate_outputs_from_meta: byte-identical).
     """
     import contextlib
     import importlib
 
     from .et_lowering import (
         PhaseTimer,
+        delegate_outputs_from_meta,
         edge_decomposition_table,
         import_exir,
         lean_edge_passes,
@@ -156,7 +160,8 @@ def lower(ep, *, backend: str = "xnnpack", precision: str | None = None, minimum
     null = contextlib.nullcontext
     with shallow_provenance() if trim_provenance else null(), lean_xnnpack_passes() if lean_passes else null(), \
             lean_edge_passes() if lean_passes else null(), \
-            skip_noop_decompositions() if skip_decompositions else null():
+            skip_noop_decompositions() if skip_decompositions else null(), \
+            delegate_outputs_from_meta() if delegate_meta else null():
         parts = partitioners(backend, precision, minimum_deployment_target)
         progs = dict(ep) if isinstance(ep, dict) else {"forward": ep}
         with timer.phase("decompositions"):
