@@ -9,8 +9,8 @@ phase of the shared machine hits all alike), `python -m mobilevit_deploy.export`
 export/et_lowering.py switched off alone (provenance trimming, lean XNNPACK passes, skipped no-op
 decompositions, validate-once, the libyaml import, delegate outputs from metadata; with
 `--all-switches`) and all off (ExecuTorch's own `to_edge_transform_and_lower`; the rest of this
-tree unchanged); and, with `--before-tree DIR` (a copy of the package before the change, e.g. `git archive HEAD | tar -x -C DIR`), `executorch` by
-that tree. Every export's wall time is measured around the process; its manifest's `timings_s`
+tree unchanged); and, with `--before-tree DIR` (a copy of the package before the change, e.g.
+`git archive HEAD | tar -x -C DIR`), `executorch` by that tree. Every export's wall time is measured around the process; its manifest's `timings_s`
 gives the stages and (this tree) the lowering's phases. Prints a table of medians over rounds and
 ratios to the ONNX export of the same round, plus the CPU flags.
 """
