@@ -10,8 +10,8 @@ export/et_lowering.py switched off alone (provenance trimming, lean XNNPACK pass
 decompositions, validate-once, the libyaml import, delegate outputs from metadata; with
 `--all-switches`) and all off (ExecuTorch's own `to_edge_transform_and_lower`; the rest of this
 tree unchanged); and, with `--before-tree DIR` (a copy of the package before the change, e.g.
-`git archive HEAD | tar -x -C DIR`), `executorch` by that tree. Every export's wall time is measured around the process; its manifest's `timings_s`
-gives the stages and (this tree) the lowering's phases. Prints a table of medians over rounds and
+`git archive HEAD | tar -x -C DIR`), `executorch` by that tree. Every export's wall time is
+measured around the process; its manifest's `timings_s` gives the stages and (this tree) the lowering's phases. Prints a table of medians over rounds and
 ratios to the ONNX export of the same round, plus the CPU flags.
 """
 from __future__ import annotations
