@@ -3,16 +3,16 @@
     python -m benchmarks.profile_export_time --rounds 2 [--all-switches] [--before-tree /tmp/before]
         [--size 256] [--json OUT]
 
-Each round runs, one after another in fresh processes (the order rotating every round, so a busy
-phase of the shared machine hits all alike), `python -m mobilevit_deploy.export` for:
-`onnx`; `executorch` as this tree does it; `executorch` with each of the lowering's speed-ups of
-export/et_lowering.py switched off alone (provenance trimming, lean XNNPACK passes, skipped no-op
-decompositions, validate-once, the libyaml import, delegate outputs from metadata; with
-`--all-switches`) and all off (ExecuTorch's own `to_edge_transform_and_lower`; the rest of this
-tree unchanged); and, with `--before-tree DIR` (a copy of the package before the change, e.g.
-`git archive HEAD | tar -x -C DIR`), `executorch` by that tree. Every export's wall time is
-measured around the process; its manifest's `timings_s` gives the stages and (this tree) the lowering's phases. Prints a table of medians over rounds and
-ratios to the ONNX export of the same round, plus the CPU flags.
+Each round runs, one after another in fresh processes (the order rotating every round, so a busy phase of the
+shared machine hits all alike), `python -m mobilevit_deploy.export` for: `onnx`; `executorch` as this tree
+does it; `executorch` with each of the lowering's speed-ups of export/et_lowering.py switched off alone
+(provenance trimming, lean XNNPACK passes, skipped no-op decompositions, validate-once, the libyaml import,
+delegate outputs from metadata; with `--all-switches`) and all off (ExecuTorch's own
+`to_edge_transform_and_lower`; the rest of this tree unchanged); and, with `--before-tree DIR` (a copy of the
+package before the change, e.g. `git archive HEAD | tar -x -C DIR`), `executorch` by that tree. Every export's
+wall time is measured around the process; its manifest's `timings_s` gives the stages and (this tree) the
+lowering's phases. Prints a table of medians over rounds and ratios to the ONNX export of the same round, plus
+the CPU flags.
 """
 from __future__ import annotations
 
