@@ -34,6 +34,15 @@ def _ep(m):
     return torch.export.export(m, (torch.randn(1, 3, 32, 32),))
 
 
+def _same_pte_inside(patch, **off) -> bool:
+    """The tiny model lowered with the switches `off` off, and again inside `patch`: the same .pte?"""
+    ep = _ep(_tiny())
+    plain, _ = et.lower(ep, **off)
+    with patch:
+        patched, _ = et.lower(ep, **off)
+    return hashlib.sha256(plain.buffer).digest() == hashlib.sha256(patched.buffer).digest()
+
+
 @pytest.mark.slow
 def test_trimmed_provenance_gives_the_same_pte_and_phases_are_timed():
     ep = _ep(_tiny())
@@ -275,12 +284,8 @@ def test_validate_once_defers_per_pass_checks_and_still_validates():
 
     from mobilevit_deploy.export.et_lowering import validate_now, validate_once
 
-    ep = _ep(_tiny())
-    every, _ = et.lower(ep, validate_once=False)
     record: list = []
-    with validate_once(record):
-        once, _ = et.lower(ep, validate_once=False)
-    assert hashlib.sha256(once.buffer).digest() == hashlib.sha256(every.buffer).digest()
+    assert _same_pte_inside(validate_once(record), validate_once=False)
     assert record.count("deferred") >= 5 and record.count("validated") == 1, record
     before = ExportedProgram._validate
     with validate_once():
@@ -317,12 +322,8 @@ def test_delegate_outputs_from_meta_give_the_same_pte():
 
     from mobilevit_deploy.export.et_lowering import delegate_outputs_from_meta
 
-    ep = _ep(_tiny())
-    rerun, _ = et.lower(ep, delegate_meta=False)
     record: list = []
-    with delegate_outputs_from_meta(record):
-        meta, _ = et.lower(ep, delegate_meta=False)
-    assert hashlib.sha256(meta.buffer).digest() == hashlib.sha256(rerun.buffer).digest()
+    assert _same_pte_inside(delegate_outputs_from_meta(record), delegate_meta=False)
     assert record and all(record), record
     before = executorch_call_delegate.python_key_table[FakeTensorMode]
     with delegate_outputs_from_meta():

@@ -236,14 +236,13 @@ def lower_executorch(programs: dict, deploy_cfg, config, name: str, scheme: str 
     from . import executorch as et
     from .stages import LoweredProgram
 
-    progs = dict(programs)
-    program, by_method = et.lower(progs, precision=config.precision)
+    program, by_method = et.lower(programs, precision=config.precision)
     outside: dict[str, int] = {}
     for ops in by_method.values():
         for op, n in ops.items():
             outside[op] = outside.get(op, 0) + n
     n_out = sum(outside.values())
-    what = (f"ExecuTorch, XNNPACK delegate, {scheme}, {len(progs)} methods ({', '.join(progs)}) in one program; "
+    what = (f"ExecuTorch, XNNPACK delegate, {scheme}, {len(programs)} methods ({', '.join(programs)}) in one program; "
             + (f"{n_out} ops outside the delegate: " + ", ".join(f"{k} x{v}" for k, v in sorted(outside.items()))
                if outside else "every op of every method delegated"))
     extra = {"ops_not_delegated_counts": dict(sorted(outside.items())), "ops_not_delegated_by_method": by_method}

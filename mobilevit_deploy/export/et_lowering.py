@@ -367,11 +367,9 @@ def import_exir():
     """`import executorch.exir`, its Edge-dialect operator table parsed by libyaml instead of ruamel's
     pure-Python loader (see the module docstring). Plain import if it is already imported or either
     YAML library is missing."""
+    import importlib
     import sys
 
-    if "executorch.exir.dialects.edge._ops" in sys.modules:
-        import executorch.exir
-        return executorch.exir
     try:
         import ruamel.yaml
         import yaml
@@ -379,8 +377,9 @@ def import_exir():
         c_loader = yaml.CSafeLoader
         real = ruamel.yaml.YAML
     except (ImportError, AttributeError):
-        import executorch.exir
-        return executorch.exir
+        c_loader = None
+    if c_loader is None or "executorch.exir.dialects.edge._ops" in sys.modules:
+        return importlib.import_module("executorch.exir")
 
     class _LibyamlSafe:
         """`ruamel.yaml.YAML(typ="safe")`'s load by libyaml; any other kind is ruamel's own."""
@@ -394,10 +393,10 @@ def import_exir():
             return yaml.load(stream, Loader=c_loader)
 
     with _swapped(ruamel.yaml, "YAML", _LibyamlSafe):
-        import executorch.exir
-        from executorch.exir.dialects.edge import _ops
+        exir = importlib.import_module("executorch.exir")
+        _ops = importlib.import_module("executorch.exir.dialects.edge._ops")
     _ops.YAML = real  # nothing of the swap outlives the import
-    return executorch.exir
+    return exir
 
 
 @contextlib.contextmanager
