@@ -35,8 +35,11 @@ SWITCHED_OFF = {
     "executorch (no validate-once)": {"validate_once": False},
     "executorch (no fast import)": {"fast_import": False},
     "executorch (no delegate meta)": {"delegate_meta": False},
+    "executorch (no fused edge passes)": {"fuse_edge": False},
+    "executorch (no deferred re-traces)": {"defer_retraces": False},
     "executorch (all speed-ups off)": {"trim_provenance": False, "lean_passes": False, "skip_decompositions": False,
-                                       "validate_once": False, "fast_import": False, "delegate_meta": False},
+                                       "validate_once": False, "fast_import": False, "delegate_meta": False,
+                                       "fuse_edge": False, "defer_retraces": False},
 }
 
 

@@ -190,11 +190,12 @@ def test_lean_passes_and_skipped_decompositions_give_the_same_pte(make):
 
     torch.manual_seed(0)
     ep = _ep(make())
-    full, _ = et.lower(ep, lean_passes=False, skip_decompositions=False, validate_once=False, delegate_meta=False)
+    full, _ = et.lower(ep, lean_passes=False, skip_decompositions=False, validate_once=False, delegate_meta=False,
+                       fuse_edge=False, defer_retraces=False)
     passes: list = []  # (pass, ran) per pass and delegated subgraph
     decomps: list = []  # skipped? per run_decompositions call
     with lean_xnnpack_passes(passes), lean_edge_passes(passes), skip_noop_decompositions(decomps):
-        lean, _ = et.lower(ep, lean_passes=False, skip_decompositions=False)
+        lean, _ = et.lower(ep, lean_passes=False, skip_decompositions=False, fuse_edge=False)
     assert hashlib.sha256(lean.buffer).digest() == hashlib.sha256(full.buffer).digest()
     assert ("PReLUReshapePass", False) in passes and ("Conv1dUnsqueezePass", False) in passes
     assert ("ChannelsLastTaggedReshapePass", True) in passes  # not in the table: always runs
@@ -239,7 +240,8 @@ def test_speedups_give_the_same_program_with_the_coreml_delegate(tmp_path):
     ep = _ep(_tiny())
     fast, _ = et.lower(ep, backend="coreml")
     slow, _ = et.lower(ep, backend="coreml", trim_provenance=False, lean_passes=False, skip_decompositions=False,
-                       validate_once=False, delegate_meta=False)
+                       validate_once=False, delegate_meta=False, fuse_edge=False,
+                       defer_retraces=False)
     a, b = _coreml_payloads(fast.buffer, tmp_path / "fast"), _coreml_payloads(slow.buffer, tmp_path / "slow")
     assert len(a) == 1 and a == b
 
@@ -254,7 +256,8 @@ def test_speedups_give_the_same_pte_for_the_default_model():
     ep = cap.capture(src.module, src.deploy_cfg)
     fast, _ = et.lower(ep)
     slow, _ = et.lower(ep, trim_provenance=False, lean_passes=False, skip_decompositions=False,
-                       validate_once=False, delegate_meta=False)
+                       validate_once=False, delegate_meta=False, fuse_edge=False,
+                       defer_retraces=False)
     assert hashlib.sha256(fast.buffer).digest() == hashlib.sha256(slow.buffer).digest()
 
 
@@ -329,3 +332,55 @@ def test_delegate_outputs_from_meta_give_the_same_pte():
     with delegate_outputs_from_meta():
         assert executorch_call_delegate.python_key_table[FakeTensorMode] is not before
     assert executorch_call_delegate.python_key_table[FakeTensorMode] is before
+
+
+class HalfRoundTrip(torch.nn.Module):
+    """A float16 round trip (`_to_copy` nodes, which RemoveToCopyPass acts on): the passes cannot be fused."""
+
+    def forward(self, x):
+        return (x * 0.5).to(torch.float16).to(torch.float32) + 1.0
+
+
+def test_fused_edge_passes_give_the_same_pte():
+    """The ATen -> Edge operator-rewriting passes (view copies ... memory format) as one re-trace: the same
+    .pte, fused when nothing between them can act, ExecuTorch's own sequence otherwise; patches undone."""
+    from executorch.exir.program import _program
+
+    from mobilevit_deploy.export.et_lowering import fused_edge_passes
+
+    record: list = []
+    assert _same_pte_inside(fused_edge_passes(record), fuse_edge=False)
+    assert record == [True]
+    ep = torch.export.export(HalfRoundTrip(), (torch.randn(1, 8),))
+    plain, _ = et.lower(ep, fuse_edge=False)
+    record.clear()
+    with fused_edge_passes(record):
+        patched, _ = et.lower(ep, fuse_edge=False)
+    assert record == [False]
+    assert hashlib.sha256(plain.buffer).digest() == hashlib.sha256(patched.buffer).digest()
+    names = ("_get_aten_to_edge_passes", "ReplaceViewOpsWithViewCopyOpsPass", "OpReplacePass", "MemoryFormatOpsPass")
+    before = [getattr(_program, n) for n in names]
+    with fused_edge_passes():
+        assert all(getattr(_program, n) is not b for n, b in zip(names, before))
+    assert [getattr(_program, n) for n in names] == before
+
+
+@pytest.mark.parametrize("make", [_tiny, lambda: TinyReluBn().eval()], ids=["tiny", "relu_bn_attention"])
+def test_deferred_xnnpack_retraces_give_the_same_pte(make):
+    """FuseBatchNorm's and ChannelsLastTaggedReshape's closing re-traces left to RemoveRedundantCopy's:
+    the same .pte, and quantized programs are left alone."""
+    from mobilevit_deploy.export.et_lowering import _DEFER_RETRACES, deferred_xnnpack_retraces
+
+    torch.manual_seed(0)
+    ep = _ep(make())
+    plain, _ = et.lower(ep, defer_retraces=False)
+    record: list = []
+    with deferred_xnnpack_retraces(record):
+        deferred, _ = et.lower(ep, defer_retraces=False)
+    assert hashlib.sha256(plain.buffer).digest() == hashlib.sha256(deferred.buffer).digest()
+    assert "ChannelsLastTaggedReshapePass" in record
+    if make is _tiny:
+        assert "re-trace" not in record  # RemoveRedundantCopy paid it
+    else:  # several delegated subgraphs, some with no copy to remove: one re-trace paid after the last pass
+        assert "FuseBatchNormPass" in record and "re-trace" in record
+    assert not _DEFER_RETRACES

@@ -46,6 +46,24 @@ Edge passes (`_EDGE_PASS_APPLIES`: `aten.t` normalisation, view ops left un-copi
 elementwise ops of mixed dtypes), each another full re-trace (~0.5-0.9 s) that a static float program
 passes through unchanged.
 
+**Fused Edge passes** (`fused_edge_passes`): seven of the ATen -> Edge passes only rewrite one operator
+call at a time -- torch's ReplaceViewOpsWithViewCopyOpsPass, then ExecuTorch's NormalizeTransposePass,
+ReplaceBrokenOpsWithFunctionalOpsPass, ScalarToTensorPass, RemoveMixedTypeOperators, OpReplacePass (ATen ->
+Edge operators) and MemoryFormatOpsPass, each overriding `call_operator` -- and each that runs re-traces
+the whole program (~0.6 s each for mobilevit_xxs at 64 px; five ran). Run as one class whose method
+resolution order chains their `call_operator`s (the torch pass's four lines restated on ExecuTorch's
+`ExportPass`), they re-trace once. ExecuTorch runs graph-level passes between them (symbolic sizes and
+values, no-op `to`/slice/`_to_copy` removal, empty-tensor `cat` pruning, dequantize -> quantize folding);
+the fused form is used only when none of those can act on the program (`_graph_passes_inert`), else
+ExecuTorch's own sequence. Byte-identical `.pte` (tests/test_export_profile.py).
+
+**Deferred XNNPACK re-traces** (`deferred_xnnpack_retraces`): XNNPACK's FuseBatchNormPass and
+ChannelsLastTaggedReshapePass edit the graph and then re-trace the whole program only to refresh its
+metadata (~0.5-0.6 s each); RemoveRedundantCopyPass, which runs after them, re-traces it again. In a
+float program their closing re-trace is skipped and paid by the next pass that always re-traces (or by
+one re-trace after the last pass, if none ran): the passes in between read the edited graph, whose
+nodes keep their own shapes. Byte-identical `.pte` (tests/test_export_profile.py).
+
 The phases are timed by wrapping, for the duration of one lowering, the three ExecuTorch entry
 points that bound them (`_gen_edge_manager_for_partitioners`, the partitioner's `partition`, the
 backend's `preprocess`); if a newer ExecuTorch renames one, that phase is left out and its time
@@ -69,7 +87,8 @@ import copy
 import time
 
 __all__ = ["shallow_provenance", "lean_xnnpack_passes", "lean_edge_passes", "skip_noop_decompositions",
-           "edge_decomposition_table", "import_exir", "validate_once", "delegate_outputs_from_meta", "PhaseTimer"]
+           "edge_decomposition_table", "import_exir", "validate_once", "delegate_outputs_from_meta",
+           "fused_edge_passes", "deferred_xnnpack_retraces", "PhaseTimer"]
 
 
 @contextlib.contextmanager
@@ -262,6 +281,7 @@ def lean_edge_passes(record: list | None = None):
                 record.append((name, ran))
             return p(gm) if ran else PassResult(gm, False)
 
+        guarded.__wrapped__ = p
         return guarded
 
     def get_passes(config):
@@ -270,6 +290,35 @@ def lean_edge_passes(record: list | None = None):
 
     with _swapped(_program, "_get_aten_to_edge_passes", get_passes):
         yield
+
+
+# XNNPACK passes that end by re-tracing the whole program only to refresh its metadata, and whose
+# re-trace can wait for the next one (tests/test_export_profile.py: byte-identical .pte) ...
+_RETRACE_DEFERRABLE = ("FuseBatchNormPass", "ChannelsLastTaggedReshapePass")
+# ... and passes that always end with that full re-trace (so they pay one owed)
+_RETRACE_PAYERS = ("RemoveRedundantCopyPass",)
+_DEFER_RETRACES: list = []  # the active deferred_xnnpack_retraces' records (innermost last)
+_VALIDATION_DEFERRED: list = []  # non-empty while validate_once is active
+
+
+def _no_retrace(self, graph_module):
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    return PassResult(graph_module, True)
+
+
+@contextlib.contextmanager
+def deferred_xnnpack_retraces(record: list | None = None):
+    """While active (and `lean_xnnpack_passes` and `validate_once` too: the first owns the pass loop, the
+    second keeps the verifiers off the programs with stale metadata in between), the closing re-trace of the
+    XNNPACK passes of `_RETRACE_DEFERRABLE` is skipped in float programs and paid by the next pass that
+    re-traces anyway, or by one re-trace after the last pass (see the module docstring). `record`
+    receives the name of each pass run without its re-trace, and "re-trace" per re-trace paid at the end."""
+    _DEFER_RETRACES.append(record if record is not None else [])
+    try:
+        yield
+    finally:
+        _DEFER_RETRACES.pop()
 
 
 @contextlib.contextmanager
@@ -293,14 +342,30 @@ def lean_xnnpack_passes(record: list | None = None):
         if not all(issubclass(p, (XNNPACKPass, ExportPass)) for p in self.passes):
             return orig(self)  # a pass kind this wrapper does not know: ExecuTorch's own loop
         ep = self.exported_program
+        defer = _DEFER_RETRACES[-1] if _DEFER_RETRACES and _VALIDATION_DEFERRED else None
+        if defer is not None and any("quantize" in s for s in _op_names(ep)):
+            defer = None  # float programs only (what the byte-identical tests cover)
+        owed = False  # a deferred closing re-trace not yet paid
         for pass_ in self.passes:
-            applies = _PASS_APPLIES.get(pass_.__name__)
+            name = pass_.__name__
+            applies = _PASS_APPLIES.get(name)
             ran = applies is None or applies(ep)
             if record is not None:
-                record.append((pass_.__name__, ran))
+                record.append((name, ran))
             if not ran:
                 continue
-            ep = _transform(ep, pass_(ep) if issubclass(pass_, XNNPACKPass) else pass_())
+            p = pass_(ep) if issubclass(pass_, XNNPACKPass) else pass_()
+            if defer is not None and name in _RETRACE_DEFERRABLE:
+                with _swapped(ExportPass, "call", _no_retrace):
+                    ep = _transform(ep, p)
+                owed = True
+                defer.append(name)
+                continue
+            ep = _transform(ep, p)
+            owed = owed and name not in _RETRACE_PAYERS
+        if owed:
+            ep = _transform(ep, ExportPass())
+            defer.append("re-trace")
         return ep
 
     with _swapped(cls, "transform", transform):
@@ -425,9 +490,13 @@ def validate_once(record: list | None = None):
             validate_now(manager.exported_program(name), record)
         return manager
 
-    with _swapped(ExportedProgram, "_validate", deferred), \
-            _swapped(_program, "_gen_edge_manager_for_partitioners", gen_validated):
-        yield
+    _VALIDATION_DEFERRED.append(True)
+    try:
+        with _swapped(ExportedProgram, "_validate", deferred), \
+                _swapped(_program, "_gen_edge_manager_for_partitioners", gen_validated):
+            yield
+    finally:
+        _VALIDATION_DEFERRED.pop()
 
 
 def validate_now(ep, record: list | None = None):
@@ -481,6 +550,129 @@ def delegate_outputs_from_meta(record: list | None = None):
         return pytree.tree_unflatten(fakes, spec) if spec is not None else tuple(fakes)
 
     with _swapped(table, FakeTensorMode, fake_outputs):
+        yield
+
+
+# ExecuTorch's pre-op-replace passes (executorch.exir.passes.base_pre_op_replace_passes + its mixed-type pass)
+_EDGE_PRE_PASSES = ("ReplaceSymSizeOpPass", "NormalizeTransposePass", "ReplaceBrokenOpsWithFunctionalOpsPass",
+                    "ScalarToTensorPass", "SymToTensorPass", "RemoveNoopPass", "PruneEmptyTensorsPass",
+                    "RemoveToCopyPass", "FoldRedundantDequantizeQuantizePass", "RemoveMixedTypeOperators")
+
+
+def _name(p) -> str:
+    p = getattr(p, "__wrapped__", p)  # lean_edge_passes' guard
+    return getattr(p, "__name__", None) or type(p).__name__
+
+
+def _graph_passes_inert(gm) -> bool:
+    """The graph-level passes among ExecuTorch's ATen -> Edge passes cannot change `gm`, nor can they once
+    the operator-rewriting passes before them have run (those add none of the ops they act on): no
+    symbolic values (ReplaceSymSizeOpPass, SymToTensorPass), no `to.dtype` / `_to_copy` / slice keeping the
+    shape (RemoveNoopPass, RemoveToCopyPass), no `cat` of an empty tensor (PruneEmptyTensorsPass), no
+    dequantize (FoldRedundantDequantizeQuantizePass, RemoveNoop's dq -> q clean-up) and no dead node
+    (their dead-code elimination)."""
+    import torch
+    from executorch.exir.passes.remove_noop_pass import _DEQUANT_OPS
+
+    acted_on = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, *_DEQUANT_OPS}
+    slices = {torch.ops.aten.slice.Tensor, torch.ops.aten.slice_copy.Tensor}  # slice becomes slice_copy first
+    if _has_symbolic(gm):
+        return False
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target in acted_on or not n.users:
+            return False
+        if n.target in slices:  # RemoveNoopPass drops the slices that keep the shape
+            src, out = n.args[0].meta.get("val"), n.meta.get("val")
+            if src is None or out is None or src is out or tuple(src.shape) == tuple(out.shape):
+                return False
+        if n.target is torch.ops.aten.cat.default and any(
+                getattr(a.meta.get("val"), "numel", lambda: 1)() == 0 for a in n.args[0]):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def fused_edge_passes(record: list | None = None):
+    """While active, the ATen -> Edge conversion runs its operator-rewriting passes (view ops to copies,
+    transpose normalisation, broken view ops, scalars to tensors, mixed types, ATen -> Edge operators,
+    memory format to dim order) as one re-trace instead of up to seven (see the module docstring), when
+    the graph-level passes ExecuTorch runs between them cannot change the program (`_graph_passes_inert`);
+    otherwise ExecuTorch's own sequence. `record` receives True per fused conversion, False per
+    conversion left as it was. No-op if ExecuTorch's passes moved."""
+    try:
+        import torch
+        from executorch.exir.pass_base import ExportPass
+        from executorch.exir.passes.normalize_transpose_pass import NormalizeTransposePass
+        from executorch.exir.passes.remove_mixed_type_operators import RemoveMixedTypeOperators
+        from executorch.exir.passes.replace_broken_ops_with_function_ops_pass import (
+            ReplaceBrokenOpsWithFunctionalOpsPass,
+        )
+        from executorch.exir.passes.scalar_to_tensor_pass import ScalarToTensorPass
+        from executorch.exir.program import _program
+        from torch._export.passes import replace_view_ops_with_view_copy_ops_pass as rv
+        from torch.fx.passes.infra.pass_base import PassResult
+
+        orig_get = _program._get_aten_to_edge_passes
+        view_copy, op_replace, memory_format = (_program.ReplaceViewOpsWithViewCopyOpsPass, _program.OpReplacePass,
+                                                _program.MemoryFormatOpsPass)
+        functional, view_copy_of = rv._NON_FUNCTIONAL_OPS_TO_FUNCTIONAL_OPS, rv.get_view_copy_of_view_op
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    class ViewCopy(ExportPass):
+        """torch's ReplaceViewOpsWithViewCopyOpsPass.call_operator, on ExecuTorch's ExportPass."""
+
+        def call_operator(self, op, args, kwargs, meta):
+            if op in functional:
+                op = functional[op]
+            elif not isinstance(op, torch._ops.HigherOrderOperator):
+                op = view_copy_of(op._schema) or op
+            return super().call_operator(op, args, kwargs, meta)
+
+    fused_out: list = []  # graph modules the fused pass returned (the passes it stands for skip them)
+    state: dict = {}  # of the conversion under way: the fused pass class, or None
+
+    def stand_in(real):
+        def run(gm):
+            if any(gm is g for g in fused_out):
+                return PassResult(gm, False)
+            return real(gm)
+
+        run.__wrapped__ = real
+        return run
+
+    def get_passes(config):
+        pre, post = orig_get(config)
+        state["fused"] = None
+        if tuple(_name(p) for p in pre) != _EDGE_PRE_PASSES:
+            return pre, post
+        bases = (ViewCopy, NormalizeTransposePass, ReplaceBrokenOpsWithFunctionalOpsPass, ScalarToTensorPass,
+                 RemoveMixedTypeOperators, op_replace) + (() if config._skip_dim_order else (memory_format,))
+        state["fused"] = type("FusedEdgePass", bases, {})  # cooperative call_operator: MRO order, one re-trace
+        return [stand_in(p) for p in pre], post
+
+    def view_copy_or_fused():
+        fused, real = state.pop("fused", None), view_copy()
+
+        def run(gm):
+            ok = fused is not None and _graph_passes_inert(gm)
+            if record is not None:
+                record.append(ok)
+            if not ok:
+                return real(gm)
+            res = fused()(gm)
+            fused_out.append(res.graph_module)
+            return res
+
+        return run
+
+    with _swapped(_program, "_get_aten_to_edge_passes", get_passes), \
+            _swapped(_program, "ReplaceViewOpsWithViewCopyOpsPass", view_copy_or_fused), \
+            _swapped(_program, "OpReplacePass", lambda: stand_in(op_replace())), \
+            _swapped(_program, "MemoryFormatOpsPass", lambda: stand_in(memory_format())):
         yield
 
 

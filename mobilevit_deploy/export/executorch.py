@@ -114,7 +114,8 @@ def decompose_for_xnnpack(ep, *, quantized_too: bool = False, edge_table: dict |
 def lower(ep, *, backend: str = "xnnpack", precision: str | None = None, minimum_deployment_target: str = "iOS16",
           timings: dict | None = None, trim_provenance: bool = True, decompose_quantized: bool = True,
           lean_passes: bool = True, skip_decompositions: bool = True, validate_once: bool = True,
-          fast_import: bool = True, delegate_meta: bool = True):
+          fast_import: bool = True, delegate_meta: bool = True, fuse_edge: bool = True,
+          defer_retraces: bool = True):
     """`to_edge_transform_and_lower(ep, partitioner=[...]).to_executorch()`.
 
     Returns (ExecutorchProgramManager, {op name: count} outside the delegate). `ep` may also be a dict
@@ -136,15 +137,21 @@ def lower(ep, *, backend: str = "xnnpack", precision: str | None = None, minimum
     Edge operator table parsed by libyaml on first import (et_lowering.import_exir). `delegate_meta`
     (default): passes after partitioning take the delegate call's output shapes from its recorded
     metadata instead of re-running the delegated program on fake tensors
-    (et_lowering.delegate_outputs_from_meta: byte-identical).
+    (et_lowering.delegate_outputs_from_meta: byte-identical). `fuse_edge` (default): the ATen -> Edge
+    conversion's operator-rewriting passes run as one re-trace when the passes between them cannot act
+    (et_lowering.fused_edge_passes: byte-identical). `defer_retraces` (default, with `lean_passes` and
+    `validate_once`): two XNNPACK passes' closing re-traces of a float program are left to the next one
+    (et_lowering.deferred_xnnpack_retraces: byte-identical).
     """
     import contextlib
     import importlib
 
     from .et_lowering import (
         PhaseTimer,
+        deferred_xnnpack_retraces,
         delegate_outputs_from_meta,
         edge_decomposition_table,
+        fused_edge_passes,
         import_exir,
         lean_edge_passes,
         lean_xnnpack_passes,
@@ -161,7 +168,8 @@ def lower(ep, *, backend: str = "xnnpack", precision: str | None = None, minimum
     with shallow_provenance() if trim_provenance else null(), lean_xnnpack_passes() if lean_passes else null(), \
             lean_edge_passes() if lean_passes else null(), \
             skip_noop_decompositions() if skip_decompositions else null(), \
-            delegate_outputs_from_meta() if delegate_meta else null():
+            delegate_outputs_from_meta() if delegate_meta else null(), fused_edge_passes() if fuse_edge else null(), \
+            deferred_xnnpack_retraces() if defer_retraces else null():
         parts = partitioners(backend, precision, minimum_deployment_target)
         progs = dict(ep) if isinstance(ep, dict) else {"forward": ep}
         with timer.phase("decompositions"):
