@@ -50,7 +50,7 @@ passes through unchanged.
 call at a time -- torch's ReplaceViewOpsWithViewCopyOpsPass, then ExecuTorch's NormalizeTransposePass,
 ReplaceBrokenOpsWithFunctionalOpsPass, ScalarToTensorPass, RemoveMixedTypeOperators, OpReplacePass (ATen ->
 Edge operators) and MemoryFormatOpsPass, each overriding `call_operator` -- and each that runs re-traces
-the whole program (~0.6 s each for mobilevit_xxs at 64 px; five ran). Run as one class whose method
+the whole program (~0.6 s each for mobilevit_xxs at 64 px; four ran). Run as one class whose method
 resolution order chains their `call_operator`s (the torch pass's four lines restated on ExecuTorch's
 `ExportPass`), they re-trace once. ExecuTorch runs graph-level passes between them (symbolic sizes and
 values, no-op `to`/slice/`_to_copy` removal, empty-tensor `cat` pruning, dequantize -> quantize folding);
