@@ -334,6 +334,23 @@ def test_delegate_outputs_from_meta_give_the_same_pte():
     assert executorch_call_delegate.python_key_table[FakeTensorMode] is before
 
 
+def _quantized_tiny_ep():
+    """The tiny model as a pt2e static int8 program (XNNPACK quantizer, per-channel weights)."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    prepared = prepare_pt2e(_ep(_tiny()).module(),
+                            XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True)))
+    for _ in range(4):
+        prepared(torch.randn(1, 3, 32, 32))
+    return torch.export.export(convert_pt2e(prepared), (x,))
+
+
 class HalfRoundTrip(torch.nn.Module):
     """A float16 round trip (`_to_copy` nodes, which RemoveToCopyPass acts on): the passes cannot be fused."""
 
@@ -357,6 +374,13 @@ def test_fused_edge_passes_give_the_same_pte():
     with fused_edge_passes(record):
         patched, _ = et.lower(ep, fuse_edge=False)
     assert record == [False]
+    assert hashlib.sha256(plain.buffer).digest() == hashlib.sha256(patched.buffer).digest()
+    quantized = _quantized_tiny_ep()  # dequantize ops do not block the fusion (no dq -> q pair to fold)
+    plain, _ = et.lower(quantized, fuse_edge=False)
+    record.clear()
+    with fused_edge_passes(record):
+        patched, _ = et.lower(quantized, fuse_edge=False)
+    assert record == [True]
     assert hashlib.sha256(plain.buffer).digest() == hashlib.sha256(patched.buffer).digest()
     names = ("_get_aten_to_edge_passes", "ReplaceViewOpsWithViewCopyOpsPass", "OpReplacePass", "MemoryFormatOpsPass")
     before = [getattr(_program, n) for n in names]

@@ -569,12 +569,12 @@ def _graph_passes_inert(gm) -> bool:
     the operator-rewriting passes before them have run (those add none of the ops they act on): no
     symbolic values (ReplaceSymSizeOpPass, SymToTensorPass), no `to.dtype` / `_to_copy` / slice keeping the
     shape (RemoveNoopPass, RemoveToCopyPass), no `cat` of an empty tensor (PruneEmptyTensorsPass), no
-    dequantize (FoldRedundantDequantizeQuantizePass, RemoveNoop's dq -> q clean-up) and no dead node
-    (their dead-code elimination)."""
+    dequantize feeding a quantize (FoldRedundantDequantizeQuantizePass; RemoveNoopPass's dq -> q clean-up
+    follows only a removal) and no dead node (their dead-code elimination)."""
     import torch
-    from executorch.exir.passes.remove_noop_pass import _DEQUANT_OPS
+    from executorch.exir.passes.remove_noop_pass import _DEQUANT_OPS, _QUANT_OPS
 
-    acted_on = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, *_DEQUANT_OPS}
+    acted_on = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default}
     slices = {torch.ops.aten.slice.Tensor, torch.ops.aten.slice_copy.Tensor}  # slice becomes slice_copy first
     if _has_symbolic(gm):
         return False
@@ -582,6 +582,8 @@ def _graph_passes_inert(gm) -> bool:
         if n.op != "call_function":
             continue
         if n.target in acted_on or not n.users:
+            return False
+        if n.target in _DEQUANT_OPS and any(u.target in _QUANT_OPS for u in n.users):  # dq -> q folding
             return False
         if n.target in slices:  # RemoveNoopPass drops the slices that keep the shape
             src, out = n.args[0].meta.get("val"), n.meta.get("val")
