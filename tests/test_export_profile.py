@@ -34,9 +34,10 @@ def _ep(m):
     return torch.export.export(m, (torch.randn(1, 3, 32, 32),))
 
 
-def _same_pte_inside(patch, **off) -> bool:
-    """The tiny model lowered with the switches `off` off, and again inside `patch`: the same .pte?"""
-    ep = _ep(_tiny())
+def _same_pte_inside(patch, ep=None, **off) -> bool:
+    """`ep` (default: the tiny model) lowered with the switches `off` off, and again inside `patch`: the
+    same .pte?"""
+    ep = ep if ep is not None else _ep(_tiny())
     plain, _ = et.lower(ep, **off)
     with patch:
         patched, _ = et.lower(ep, **off)
@@ -368,20 +369,13 @@ def test_fused_edge_passes_give_the_same_pte():
     record: list = []
     assert _same_pte_inside(fused_edge_passes(record), fuse_edge=False)
     assert record == [True]
-    ep = torch.export.export(HalfRoundTrip(), (torch.randn(1, 8),))
-    plain, _ = et.lower(ep, fuse_edge=False)
     record.clear()
-    with fused_edge_passes(record):
-        patched, _ = et.lower(ep, fuse_edge=False)
+    half = torch.export.export(HalfRoundTrip(), (torch.randn(1, 8),))
+    assert _same_pte_inside(fused_edge_passes(record), ep=half, fuse_edge=False)
     assert record == [False]
-    assert hashlib.sha256(plain.buffer).digest() == hashlib.sha256(patched.buffer).digest()
-    quantized = _quantized_tiny_ep()  # dequantize ops do not block the fusion (no dq -> q pair to fold)
-    plain, _ = et.lower(quantized, fuse_edge=False)
-    record.clear()
-    with fused_edge_passes(record):
-        patched, _ = et.lower(quantized, fuse_edge=False)
+    record.clear()  # dequantize ops do not block the fusion (no dq -> q pair to fold)
+    assert _same_pte_inside(fused_edge_passes(record), ep=_quantized_tiny_ep(), fuse_edge=False)
     assert record == [True]
-    assert hashlib.sha256(plain.buffer).digest() == hashlib.sha256(patched.buffer).digest()
     names = ("_get_aten_to_edge_passes", "ReplaceViewOpsWithViewCopyOpsPass", "OpReplacePass", "MemoryFormatOpsPass")
     before = [getattr(_program, n) for n in names]
     with fused_edge_passes():
@@ -396,15 +390,14 @@ def test_deferred_xnnpack_retraces_give_the_same_pte(make):
     from mobilevit_deploy.export.et_lowering import _DEFER_RETRACES, deferred_xnnpack_retraces
 
     torch.manual_seed(0)
-    ep = _ep(make())
-    plain, _ = et.lower(ep, defer_retraces=False)
     record: list = []
-    with deferred_xnnpack_retraces(record):
-        deferred, _ = et.lower(ep, defer_retraces=False)
-    assert hashlib.sha256(plain.buffer).digest() == hashlib.sha256(deferred.buffer).digest()
+    assert _same_pte_inside(deferred_xnnpack_retraces(record), ep=_ep(make()), defer_retraces=False)
     assert "ChannelsLastTaggedReshapePass" in record
     if make is _tiny:
         assert "re-trace" not in record  # RemoveRedundantCopy paid it
     else:  # several delegated subgraphs, some with no copy to remove: one re-trace paid after the last pass
         assert "FuseBatchNormPass" in record and "re-trace" in record
     assert not _DEFER_RETRACES
+    quantized: list = []
+    assert _same_pte_inside(deferred_xnnpack_retraces(quantized), ep=_quantized_tiny_ep(), defer_retraces=False)
+    assert quantized == []
