@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     manager, outside = lower(eps)
     export_s = time.perf_counter() - t
-    pte = work / f"{args.model}_depth_exit_{args.after}.pte"
+    pte = work / f"{args.model}_depth_exit_{args.after}_{args.head}.pte"
     with tempfile.NamedTemporaryFile(dir=work, suffix=".tmp", delete=False) as tmp:
         manager.write_to_file(tmp)
     Path(tmp.name).replace(pte)
