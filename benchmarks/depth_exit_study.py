@@ -147,7 +147,8 @@ def build(model, k: int, head_name: str, num_classes: int):
     return Exit(), Rest()
 
 
-def train_head(exit_mod, model, k, train_data, cfg, epochs, log, cache=None):
+def train_head(exit_mod, rest_mod, train_data, cfg, epochs, log, cache=None):
+    """Train exit_mod.head on the frozen prefix's features, with rest_mod's logits (the whole model's) as teacher."""
     import torch
     import torch.nn.functional as F
 
@@ -163,9 +164,9 @@ def train_head(exit_mod, model, k, train_data, cfg, epochs, log, cache=None):
         feats, teacher = [], []
         with torch.no_grad():
             for i in range(0, len(x), 500):
-                f = model.stages[:k](model.stem(x[i:i + 500]))
+                f = exit_mod.stages(exit_mod.stem(x[i:i + 500]))
                 feats.append(f)
-                teacher.append(model.head(model.final_conv(model.stages[k:](f))))
+                teacher.append(rest_mod(f))
         f_all, t_all = torch.cat(feats), torch.cat(teacher)
         del x
         if cache is not None:
@@ -256,7 +257,7 @@ def main(argv=None) -> int:
         log(f"reusing {wpath}")
     else:
         log(f"training the exit head ({args.head}) after stage {args.after} on {args.train_data}")
-        train_s = train_head(exit_mod, model, args.after, args.train_data, cfg, args.epochs, log,
+        train_s = train_head(exit_mod, rest_mod, args.train_data, cfg, args.epochs, log,
                              cache=work / f"features_{args.after}.pt")
         save_file({k: v.contiguous() for k, v in exit_mod.head.state_dict().items()}, str(wpath))
     exit_mod.eval()
