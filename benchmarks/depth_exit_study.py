@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mobilevit_deploy.models.exit_head import HEADS
+
 from benchmarks.cascade_study import cpu_info, sweep_thresholds
 
 
@@ -51,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--train-data", required=True, help="ImageFolder the exit head trains on")
     p.add_argument("--data", required=True, help="ImageFolder the threshold is chosen and measured on")
     p.add_argument("--after", type=int, default=3, help="exit after this many stages (1-4; default 3)")
-    p.add_argument("--head", default="mv2", choices=sorted(HEADS), help="exit head (default mv2)")
+    p.add_argument("--head", default="mv2", choices=sorted(HEADS), help="exit head (models/exit_head.py; default mv2)")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--limit", type=int, default=1000, help="images of --data, evenly spread (default 1000)")
     p.add_argument("--max-drop", type=float, default=0.5)
@@ -61,142 +63,6 @@ def parse_args(argv=None):
     p.add_argument("--work", default="runs/depth_exit", help="exit head weights and the .pte go here")
     p.add_argument("--reuse", action="store_true", help="reuse WORK's exit head weights")
     return p.parse_args(argv)
-
-
-def _pool():
-    from torch import nn
-
-    class GlobalPool(nn.Module):
-        def forward(self, x):
-            return x.mean((2, 3), keepdim=True).flatten(1)  # [B, C, h, w] -> [B, C] (keepdim: XNNPACK takes it)
-
-    return GlobalPool()
-
-
-def _pool_fc(c):
-    from torch import nn
-
-    return nn.Sequential(_pool(), nn.Linear(c, 10))
-
-
-def _conv192(c):
-    from torch import nn
-
-    return nn.Sequential(nn.Conv2d(c, 192, 1, bias=False), nn.BatchNorm2d(192), nn.SiLU(),  # [B, 192, h, w]
-                         _pool(), nn.Dropout(0.1), nn.Linear(192, 10))  # [B, 10]
-
-
-def _mv2(c):
-    from torch import nn
-
-    from mobilevit_deploy.models.layers import ConvNormAct
-
-    return nn.Sequential(ConvNormAct(c, 4 * c, 1), ConvNormAct(4 * c, 4 * c, 3, groups=4 * c),  # [B, 4C, h, w]
-                         ConvNormAct(4 * c, 256, 1), _pool(), nn.Dropout(0.1), nn.Linear(256, 10))  # [B, 10]
-
-
-def _mv2s2(c):
-    from torch import nn
-
-    from mobilevit_deploy.models.layers import ConvNormAct
-
-    return nn.Sequential(ConvNormAct(c, 4 * c, 1),
-                         ConvNormAct(4 * c, 4 * c, 3, stride=2, groups=4 * c),  # [B, 4C, h / 2, w / 2]
-                         ConvNormAct(4 * c, 256, 1), _pool(), nn.Dropout(0.1), nn.Linear(256, 10))  # [B, 10]
-
-
-def _mv2pool(c):
-    from torch import nn
-
-    from mobilevit_deploy.models.layers import ConvNormAct
-
-    return nn.Sequential(ConvNormAct(c, 4 * c, 1), ConvNormAct(4 * c, 4 * c, 3, groups=4 * c), _pool(),  # [B, 4C]
-                         nn.Linear(4 * c, 256), nn.SiLU(), nn.Dropout(0.1), nn.Linear(256, 10))  # [B, 10]
-
-
-HEADS = {"pool_fc": _pool_fc, "conv192": _conv192, "mv2": _mv2, "mv2s2": _mv2s2, "mv2pool": _mv2pool}
-
-
-def build(model, k: int, head_name: str, num_classes: int):
-    """(Exit, Rest, Full) modules over the shared backbone `model` (a MobileViT)."""
-    import torch
-    from torch import nn
-
-    class Exit(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem, self.stages = model.stem, model.stages[:k]
-            with torch.no_grad():
-                c = self.stages(self.stem(torch.zeros(1, 3, 64, 64))).shape[1]
-            self.head = HEADS[head_name](c)
-            if self.head[-1].out_features != num_classes:
-                self.head[-1] = nn.Linear(self.head[-1].in_features, num_classes)
-
-        def forward(self, x):
-            f = self.stages(self.stem(x))  # [B, C_k, H / s_k, W / s_k]
-            return self.head(f), f  # [B, classes], the features `rest` continues from
-
-    class Rest(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stages, self.final_conv, self.head = model.stages[k:], model.final_conv, model.head
-
-        def forward(self, f):
-            return self.head(self.final_conv(self.stages(f)))  # [B, classes]
-
-    return Exit(), Rest()
-
-
-def train_head(exit_mod, rest_mod, train_data, cfg, epochs, log, cache=None):
-    """Train exit_mod.head on the frozen prefix's features, with rest_mod's logits (the whole model's) as teacher."""
-    import torch
-    import torch.nn.functional as F
-
-    from mobilevit_deploy.data import load_labeled_folder
-
-    torch.manual_seed(0)
-    t = time.perf_counter()
-    if cache is not None and cache.is_file():
-        d = torch.load(cache, weights_only=True)
-        f_all, t_all, y = d["features"], d["teacher"], d["labels"]
-    else:
-        x, y, _ = load_labeled_folder(train_data, cfg)
-        feats, teacher = [], []
-        with torch.no_grad():
-            for i in range(0, len(x), 500):
-                f = exit_mod.stages(exit_mod.stem(x[i:i + 500]))
-                feats.append(f)
-                teacher.append(rest_mod(f))
-        f_all, t_all = torch.cat(feats), torch.cat(teacher)
-        del x
-        if cache is not None:
-            torch.save({"features": f_all, "teacher": t_all, "labels": y}, cache)
-    log(f"  features {tuple(f_all.shape)} of {train_data} in {time.perf_counter() - t:.0f} s")
-    head = exit_mod.head
-    opt = torch.optim.AdamW(head.parameters(), lr=2e-3, weight_decay=0.05)
-    steps_per = len(f_all) // 256
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * steps_per)
-    t = time.perf_counter()
-    for e in range(epochs):
-        head.train()
-        perm = torch.randperm(len(f_all))
-        total = 0.0
-        for i in range(steps_per):
-            idx = perm[i * 256:(i + 1) * 256]
-            f = f_all[idx]
-            flip = torch.rand(len(idx)) < 0.5
-            f = torch.where(flip[:, None, None, None], f.flip(3), f)  # flipped image -> flipped features
-            out = head(f)
-            loss = 0.5 * F.cross_entropy(out, y[idx], label_smoothing=0.1) + 0.5 * F.kl_div(
-                F.log_softmax(out, 1), F.softmax(t_all[idx], 1), reduction="batchmean")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
-        log(f"  exit head epoch {e + 1}/{epochs}: loss {total / steps_per:.4f}")
-    head.eval()
-    return time.perf_counter() - t
 
 
 @dataclass
@@ -214,7 +80,8 @@ class DepthCascade:
 
     def __init__(self, program, threshold: float, num_threads: int):
         self.exit, self.rest = program.load_method("exit"), program.load_method("rest")
-        self.stages = [_Stage(self.exit), _Stage(program.load_method("forward"))]
+        self.stages = [_Stage(self.exit), _Stage(self.rest)]
+        self.alone, self.alone_input = _Stage(program.load_method("forward")), 0  # the whole model on the image
         self.stage_names = ["exit", "rest"]
         self.threshold, self.num_threads = threshold, num_threads
 
@@ -238,7 +105,9 @@ def main(argv=None) -> int:
     from mobilevit_deploy.cascade import choose_threshold, simulate, softmax
     from mobilevit_deploy.cascade_eval import labelled_images, measure_cascade
     from mobilevit_deploy.export.executorch import lower
+    from mobilevit_deploy.models.exit_head import ExitBranch, RestBranch
     from mobilevit_deploy.pretrained import load_model
+    from mobilevit_deploy.train.exit_head import stage_features, train_exit_head
 
     args = parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
@@ -247,7 +116,7 @@ def main(argv=None) -> int:
     for p in model.parameters():
         p.requires_grad_(False)
     ncls = len(cfg.class_labels)
-    exit_mod, rest_mod = build(model, args.after, args.head, ncls)
+    exit_mod, rest_mod = ExitBranch(model, args.after, args.head, ncls), RestBranch(model, args.after)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     wpath = work / f"exit_head_{args.after}_{args.head}.safetensors"
@@ -257,8 +126,9 @@ def main(argv=None) -> int:
         log(f"reusing {wpath}")
     else:
         log(f"training the exit head ({args.head}) after stage {args.after} on {args.train_data}")
-        train_s = train_head(exit_mod, rest_mod, args.train_data, cfg, args.epochs, log,
-                             cache=work / f"features_{args.after}.pt")
+        cache = work / f"features_{args.after}.pt"
+        f, teacher, y = stage_features(exit_mod, rest_mod, args.train_data, cfg, cache=cache)
+        train_s = train_exit_head(exit_mod.head, f, teacher, y, args.epochs, log)
         save_file({k: v.contiguous() for k, v in exit_mod.head.state_dict().items()}, str(wpath))
     exit_mod.eval()
     rest_mod.eval()
@@ -295,13 +165,13 @@ def main(argv=None) -> int:
             le, fe = runner.exit.execute([x])
             te, tf_ = exit_mod(x)
             lr_ = runner.rest.execute([fe])[0]
-            lf = runner.stages[1].method.execute([x])[0]
+            lf = runner.alone.method.execute([x])[0]
             for name, a, b in (("exit", le, te), ("features", fe, tf_), ("rest", lr_, rest_mod(tf_)),
                                ("forward", lf, model(x))):
                 diffs[name] = max(diffs.get(name, 0.0), float((a - b).abs().max()))
     log(f"max |pte - torch| over 8 images: {diffs}")
     p_exit = softmax(np.concatenate([runner.stages[0].run_one(x).numpy() for x in xs]))
-    p_full = softmax(np.concatenate([runner.stages[1].run_one(x).numpy() for x in xs]))
+    p_full = softmax(np.concatenate([runner.alone.run_one(x).numpy() for x in xs]))
     y = np.asarray(ys)
     stage_top1 = [100.0 * float((p.argmax(1) == y).mean()) for p in (p_exit, p_full)]
     choice = choose_threshold([p_exit, p_full], ys, args.max_drop)

@@ -25,12 +25,13 @@ class CascadeMeasurement:
     threshold: float
     images: int
     top1: float  # % of images the cascade answers right
-    last_stage_top1: float  # % right for the last stage alone (same images, same run)
+    last_stage_top1: float  # % right for the last stage (a depth cascade: the whole model) alone, same images and run
     exit_rates: list  # fraction of images answered by each stage
     mean_latency_ms: float  # mean time per image through the cascade
     last_stage_latency_ms: float  # mean time per image of the last stage alone
     stage_names: list = field(default_factory=list)
     threads: int | None = None
+    alone: str = "last stage"  # what the cascade is compared with: "last stage" or the whole model's method name
 
     @property
     def latency_ratio(self) -> float:
@@ -40,7 +41,8 @@ class CascadeMeasurement:
         return {"threshold": self.threshold, "images": self.images, "top1": self.top1,
                 "last_stage_top1": self.last_stage_top1, "exit_rates": self.exit_rates,
                 "mean_latency_ms": self.mean_latency_ms, "last_stage_latency_ms": self.last_stage_latency_ms,
-                "latency_ratio": self.latency_ratio, "stages": self.stage_names, "threads": self.threads}
+                "latency_ratio": self.latency_ratio, "stages": self.stage_names, "threads": self.threads,
+                "alone": self.alone}
 
 
 def labelled_images(data, labels: Sequence[str], limit: int | None = None) -> tuple[list[str], list[int]]:
@@ -78,8 +80,8 @@ def measure_cascade(runner, inputs: Sequence[Sequence], labels: Sequence[int], *
     if threshold is not None:
         runner.threshold = float(threshold)
     try:
-        last = len(runner.stages) - 1
-        last_stage = runner.stages[last]
+        last_stage = runner.alone  # the last stage / whole model alone, on inputs[k][runner.alone_input]
+        last = runner.alone_input
         for k in range(min(warmup, len(inputs))):
             runner.run_prepared(inputs[k])
             last_stage.run_one(inputs[k][last])
@@ -107,7 +109,7 @@ def measure_cascade(runner, inputs: Sequence[Sequence], labels: Sequence[int], *
                     best = best_cascade if which == 0 else best_last
                     best[j] = dt if best[j] is None else min(best[j], dt)
         t_cascade, t_last = sum(best_cascade), sum(best_last)
-        answered = [0] * (last + 1)
+        answered = [0] * len(runner.stages)
         for a in answers:
             answered[a.stage] += 1
         right = sum(int(a.label_index == y) for a, y in zip(answers, labels))
@@ -117,6 +119,6 @@ def measure_cascade(runner, inputs: Sequence[Sequence], labels: Sequence[int], *
             threshold=runner.threshold, images=n, top1=100.0 * right / n, last_stage_top1=100.0 * right_last / n,
             exit_rates=[a / n for a in answered], mean_latency_ms=t_cascade / n / 1e6,
             last_stage_latency_ms=t_last / n / 1e6, stage_names=list(runner.stage_names),
-            threads=getattr(runner, "num_threads", None))
+            threads=getattr(runner, "num_threads", None), alone=getattr(runner, "alone_what", "last stage"))
     finally:
         runner.threshold = saved

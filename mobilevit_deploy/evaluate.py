@@ -45,10 +45,11 @@ class EvalResult:
             s += f" | {self.skipped} undecodable image(s) skipped"
         if self.cascade is not None:
             c = self.cascade
+            alone = c.get("alone", "last stage")
             s += (f"\ncascade {' -> '.join(c['stages'])}, threshold {c['threshold']:.4f}: exit rate "
                   + ", ".join(f"{n} {r * 100:.1f} %" for n, r in zip(c["stages"], c["exit_rates"]))
-                  + f" | last stage alone top-1 {c['last_stage_top1']:.2f} %"
-                  + f"\nmean latency per image: cascade {c['mean_latency_ms']:.3f} ms, last stage alone "
+                  + f" | {alone} alone top-1 {c['last_stage_top1']:.2f} %"
+                  + f"\nmean latency per image: cascade {c['mean_latency_ms']:.3f} ms, {alone} alone "
                   f"{c['last_stage_latency_ms']:.3f} ms ({c['latency_ratio']:.2f}x), {c['images']} images, "
                   f"{c['threads']} thread(s), same run")
         return s

@@ -116,6 +116,10 @@ class ExecuTorchRunner(Runner):
         out = self._method.execute([x])
         return out[0].clone()  # the output may live in the method's planned memory, reused next call
 
+    def run_outputs(self, x) -> list:
+        """Every output of the method on x (a depth cascade's exit: logits, features), cloned."""
+        return [o.clone() for o in self._method.execute([x])]
+
     def bind(self, x) -> Bound:
         args, method = [x.contiguous()], self._method
         return Bound(lambda: method.execute(args), lambda: method.execute(args)[0].clone(), self)
@@ -267,13 +271,17 @@ class CascadeAnswer:
 class CascadeRunner:
     """A coarse-to-fine cascade artifact (manifest `cascade` section, docs/contracts.md): one call per image.
 
-    `runner(image)` (a PIL image or an image path) runs stage 1 on the image prepared at stage 1's size;
-    when the largest softmax probability of its logits is >= `threshold` that answer is final, otherwise
-    the next stage runs on the same image prepared at its own size (`data.eval_transform` of the
-    manifest's DeployCfg at that size: the one preprocessing rule); the last stage always answers.
+    Size cascade: `runner(image)` (a PIL image or an image path) runs stage 1 on the image prepared at
+    stage 1's size; when the largest softmax probability of its logits is >= `threshold` that answer is
+    final, otherwise the next stage runs on the same image prepared at its own size (`data.eval_transform`
+    of the manifest's DeployCfg at that size: the one preprocessing rule); the last stage always answers.
+    Depth cascade (`kind: depth`): stage 1 (`exit_K`) returns logits and stage-K features; stage 2
+    (`rest_K`, input `features`) runs on those features, not on the image.
     Returns a `CascadeAnswer` (logits, answering stage). `run_prepared(inputs)` is the same decision on
-    inputs already prepared for every stage (what the benchmarks time: model time only);
-    `run_stage(i, x)` runs one stage alone. `threshold` overrides the manifest's (threshold sweeps).
+    inputs already prepared for every image stage (`prepare_all`; None for a feature stage: what the
+    benchmarks time, model time only); `run_stage(i, x)` runs one stage alone. `alone` runs the whole
+    model / last stage alone on `inputs[alone_input]` (the cascade's reference). `threshold` overrides
+    the manifest's (threshold sweeps).
     """
 
     def __init__(self, path: str | os.PathLike, num_threads: int | None = None, *, threshold: float | None = None,
@@ -293,30 +301,42 @@ class CascadeRunner:
         if not c:
             raise UserError(f"{self.path.name} is not a cascade artifact (its manifest has no 'cascade' section); "
                             "use load_artifact")
-        self.stage_names, self.stage_sizes = _check_cascade_section(c, self.path.name)
+        self.stage_names, self.stage_sizes, self.stage_inputs, alone_name = _check_cascade_section(c, self.path.name)
+        self.kind = c.get("kind", "sizes")
         rule = c["exit_rule"]
         self.threshold = float(rule["threshold"] if threshold is None else threshold)
         base = DeployCfg.from_dict(self.manifest["deploy_cfg"])
         self.stage_cfgs = [replace(base, input_size=(3, h, w)) for h, w in self.stage_sizes]
         self.deploy_cfg = self.stage_cfgs[-1]
+        self.alone_input = len(self.stage_names) - 1 if self.kind == "sizes" else 0
+        self.alone_what = "last stage" if self.kind == "sizes" else f"whole model ({alone_name})"
         suffix = self.path.suffix.lower()
         if suffix == ".pte":
             first = ExecuTorchRunner(self.path, num_threads, method=self.stage_names[0])
             self.stages = [first] + [ExecuTorchRunner(self.path, None, method=name, program=first._program)
                                      for name in self.stage_names[1:]]  # one program, one method per stage
+            self.alone = (self.stages[-1] if alone_name == self.stage_names[-1] else
+                          ExecuTorchRunner(self.path, None, method=alone_name, program=first._program))
             self.num_threads = self.stages[0].num_threads
         elif suffix == ".mlpackage":
+            if self.kind != "sizes":
+                raise UserError(f"{self.path.name} is a depth cascade: its functions pass feature arrays, which "
+                                "the Python Core ML runner does not feed (run it in the app through MobileViTKit, or "
+                                "export --target executorch --cascade exitK to run it here)")
             self.stages = [_coreml_function_runner(self.path, name, cfg, compute_units)
                            for name, cfg in zip(self.stage_names, self.stage_cfgs)]
+            self.alone = self.stages[-1]
             self.num_threads = None
         else:
             raise UserError(f"{self.path.name}: cascades are .pte or .mlpackage artifacts")
         self._transforms = None
 
     def prepare(self, image, stage: int):
-        """The image (PIL or path) as stage `stage`'s input [1, 3, H, W]."""
+        """The image (PIL or path) as stage `stage`'s input [1, 3, H, W] (None for a feature stage)."""
         from .data import eval_transform, load_rgb
 
+        if self.stage_inputs[stage] != "image":
+            return None
         if self._transforms is None:
             self._transforms = [eval_transform(cfg) for cfg in self.stage_cfgs]
         if not hasattr(image, "size"):
@@ -338,8 +358,13 @@ class CascadeRunner:
 
         probs = []
         last = len(self.stages) - 1
+        carried = None  # the previous stage's features, for a stage whose input is "features"
         for i in range(last + 1):
-            logits = self.stages[i].run_one(get_input(i))
+            x = carried if self.stage_inputs[i] == "features" else get_input(i)
+            if i < last and self.stage_inputs[i + 1] == "features":
+                logits, carried = self.stages[i].run_outputs(x)[:2]
+            else:
+                logits = self.stages[i].run_one(x)
             p = float(softmax(logits.numpy()).max())
             probs.append(p)
             if i == last or p >= self.threshold:
@@ -357,28 +382,47 @@ class CascadeRunner:
         return self._decide(lambda i: self.prepare(image, i))
 
     def __repr__(self):
-        return (f"CascadeRunner({str(self.path)!r}, stages={self.stage_names}, sizes={self.stage_sizes}, "
-                f"threshold={self.threshold})")
+        return (f"CascadeRunner({str(self.path)!r}, kind={self.kind}, stages={self.stage_names}, "
+                f"inputs={self.stage_inputs}, threshold={self.threshold})")
 
 
 def _check_cascade_section(c: dict, what: str):
-    """(names, sizes) of a manifest cascade section; UserError for what docs/contracts.md says readers reject."""
+    """(names, image sizes, stage inputs, name of the whole model / last stage alone) of a manifest cascade
+    section; UserError for what docs/contracts.md says readers reject."""
+    kind = c.get("kind", "sizes")
+    if kind not in ("sizes", "depth"):
+        raise UserError(f"{what}: unknown cascade kind {kind!r} (choose from: sizes, depth)")
     try:
         stages = c["stages"]
         names = [str(s["name"]) for s in stages]
-        sizes = [(int(s["input_size"][0]), int(s["input_size"][1])) for s in stages]
-        kind, threshold = c["exit_rule"]["kind"], float(c["exit_rule"]["threshold"])
+        inputs = [str(s.get("input", "image")) for s in stages]
+        if kind == "depth":
+            h, w = (int(v) for v in stages[0]["input_size"])
+            sizes = [(h, w)] * len(stages)
+            alone = str(c["whole_model"]["name"])
+            from_ = [s.get("features_from") for s in stages[1:]]
+        else:
+            sizes = [(int(s["input_size"][0]), int(s["input_size"][1])) for s in stages]
+            alone, from_ = names[-1], []
+        rule_kind, threshold = c["exit_rule"]["kind"], float(c["exit_rule"]["threshold"])
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise UserError(f"{what}: malformed cascade section ({type(e).__name__}: {e})") from None
     if len(names) < 2 or len(set(names)) != len(names) or not all(names):
         raise UserError(f"{what}: a cascade needs >= 2 stages with distinct names, got {names}")
-    if any(b[0] <= a[0] or b[1] <= a[1] for a, b in zip(sizes, sizes[1:])):
-        raise UserError(f"{what}: cascade stage sizes must strictly increase, got {sizes}")
-    if kind != "max_probability":
-        raise UserError(f"{what}: unknown cascade exit rule {kind!r} (choose from: max_probability)")
+    if kind == "sizes":
+        if any(i != "image" for i in inputs):
+            raise UserError(f"{what}: every stage of a size cascade takes the image, got inputs {inputs}")
+        if any(b[0] <= a[0] or b[1] <= a[1] for a, b in zip(sizes, sizes[1:])):
+            raise UserError(f"{what}: cascade stage sizes must strictly increase, got {sizes}")
+    else:
+        if inputs[0] != "image" or any(i != "features" for i in inputs[1:]) or from_ != names[:-1]:
+            raise UserError(f"{what}: a depth cascade's first stage takes the image and every later stage the "
+                            f"features of the stage before it, got inputs {inputs} (features_from {from_})")
+    if rule_kind != "max_probability":
+        raise UserError(f"{what}: unknown cascade exit rule {rule_kind!r} (choose from: max_probability)")
     if not 0.0 <= threshold <= 1.0:
         raise UserError(f"{what}: cascade threshold must be in [0, 1], got {threshold}")
-    return names, sizes
+    return names, sizes, inputs, alone
 
 
 def _coreml_function_runner(path: Path, function_name: str, deploy_cfg, compute_units: str):

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from mobilevit_deploy.models import create_model
+from mobilevit_deploy.models.exit_head import HEADS, ExitBranch, split_model
 
-from benchmarks.depth_exit_study import HEADS, DepthCascade, build
+from benchmarks.depth_exit_study import DepthCascade
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +16,7 @@ def model():
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_rest_of_exit_features_is_the_model(model, k):
-    exit_mod, rest_mod = build(model, k, "mv2s2", 10)
+    exit_mod, rest_mod = split_model(model, k, "mv2s2")
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         logits, f = exit_mod.eval()(x)
@@ -25,7 +26,7 @@ def test_rest_of_exit_features_is_the_model(model, k):
 
 @pytest.mark.parametrize("head", sorted(HEADS))
 def test_every_head_gives_class_logits(model, head):
-    exit_mod, _ = build(model, 3, head, 7)
+    exit_mod = ExitBranch(model, 3, head, num_classes=7)
     with torch.no_grad():
         assert exit_mod.eval()(torch.randn(1, 3, 64, 64))[0].shape == (1, 7)
 
@@ -38,7 +39,7 @@ def test_depth_cascade_through_one_pte(model, tmp_path):
 
     from mobilevit_deploy.export.executorch import lower
 
-    exit_mod, rest_mod = build(model, 3, "mv2s2", 10)
+    exit_mod, rest_mod = split_model(model, 3, "mv2s2")
     exit_mod.eval()
     x0 = torch.zeros(1, 3, 64, 64)
     eps = {"exit": torch.export.export(exit_mod, (x0,)), "rest": torch.export.export(rest_mod, (exit_mod(x0)[1],)),
@@ -59,4 +60,4 @@ def test_depth_cascade_through_one_pte(model, tmp_path):
         a = runner.run_prepared([x, x])
         assert a.stage == 1 and len(a.max_probabilities) == 2
         torch.testing.assert_close(a.logits, model(x), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(a.logits, runner.stages[1].run_one(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.logits, runner.alone.run_one(x), rtol=1e-4, atol=1e-4)

@@ -22,6 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "ios_demo" / "MobileViTKit"
 FIXTURE = PKG / "Tests" / "MobileViTKitTests" / "Fixtures" / "cascade_manifest.json"
+DEPTH_FIXTURE = FIXTURE.with_name("depth_cascade_manifest.json")  # a real `export --target coreml --cascade exit3`
 PLAIN_FIXTURE = FIXTURE.with_name("manifest.json")
 CONTRACTS = ROOT / "docs" / "contracts.md"
 
@@ -53,9 +54,15 @@ def _json_block(n: int) -> dict:
     return json.loads("\n".join(re.sub(r"\s//.*$", "", line) for line in raw.splitlines()))
 
 
+CASCADE_KINDS = {"sizes", "depth"}  # absent kind = "sizes"
+STAGE_INPUTS = {"image", "features"}
+
+
 def check_cascade(c: dict, input_hw: list[int] | None = None):
     """What `CascadeSpec` decoding + `validate(inputSize:)` require; AssertionError names the problem."""
     assert isinstance(c, dict), "cascade must be an object"
+    kind = c.get("kind", "sizes")
+    assert kind in CASCADE_KINDS, f"unknown cascade kind {kind!r}"
     stages = c["stages"]
     assert isinstance(stages, list) and len(stages) >= 2, f"at least 2 stages, got {stages!r}"
     names = set()
@@ -63,13 +70,27 @@ def check_cascade(c: dict, input_hw: list[int] | None = None):
         assert isinstance(s["name"], str) and s["name"], f"stage {i + 1}: name must be a non-empty string"
         assert s["name"] not in names, f"stage {i + 1}: name {s['name']!r} is used twice"
         names.add(s["name"])
+        inp = s.get("input", "image")
+        assert inp in STAGE_INPUTS, f"stage {i + 1}: unknown input {inp!r}"
+        if kind == "depth" and i:
+            assert inp == "features", f"stage {i + 1} of a depth cascade must take features, got {inp!r}"
+            assert s.get("features_from") == stages[i - 1]["name"], (
+                f"stage {i + 1}: features_from must name the stage before it, got {s.get('features_from')!r}")
+            continue
+        assert inp == "image", f"stage {i + 1} must take the image, got {inp!r}"
         size = s["input_size"]
         assert isinstance(size, list) and len(size) == 2 and all(_int(v) and v > 0 for v in size), (
             f"stage {i + 1}: input_size must be [H, W] with positive ints, got {size!r}")
         if i:
             prev = stages[i - 1]["input_size"]
             assert size[0] > prev[0] and size[1] > prev[1], f"stage sizes must strictly increase: {prev} -> {size}"
-    if input_hw is not None:
+    if kind == "depth":
+        whole = c.get("whole_model")
+        assert isinstance(whole, dict) and isinstance(whole.get("name"), str) and whole["name"], (
+            "a depth cascade needs whole_model.name")
+        if input_hw is not None:
+            assert stages[0]["input_size"] == list(input_hw), "the exit stage's input_size must equal input.shape[2:]"
+    elif input_hw is not None:
         assert stages[-1]["input_size"] == list(input_hw), "the last stage's input_size must equal input.shape[2:]"
     rule = c["exit_rule"]
     assert rule["kind"] in EXIT_RULE_KINDS, f"unknown exit rule kind {rule['kind']!r}"
@@ -159,6 +180,41 @@ def test_checker_rejects_what_swift_rejects(edit, message):
         check_cascade(c, input_hw=fixture["input"]["shape"][2:])
 
 
+def test_depth_fixture_is_a_contract_manifest_with_a_depth_cascade():
+    fixture = json.loads(DEPTH_FIXTURE.read_text())
+    c = fixture["cascade"]
+    check_cascade(c, input_hw=fixture["input"]["shape"][2:])
+    assert c["kind"] == "depth" and [s["input"] for s in c["stages"]] == ["image", "features"]
+    assert c["whole_model"]["name"] in fixture["coreml_functions"]
+    assert [s["name"] for s in c["stages"]] + [c["whole_model"]["name"]] == fixture["coreml_functions"]
+    example = next(b["cascade"] for b in _jsonc_blocks() if b.get("cascade", {}).get("kind") == "depth")
+    check_cascade(example, input_hw=[64, 64])  # docs/contracts.md's depth example
+    assert set(example) == set(c) and all(set(a) == set(b) for a, b in zip(example["stages"], c["stages"]))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(kind="tokens"), "unknown cascade kind"),
+    (lambda c: c["stages"][0].update(input="features"), "must take the image"),
+    (lambda c: c["stages"][1].update(input="image"), "must take features"),
+    (lambda c: c["stages"][1].update(features_from="forward"), "features_from"),
+    (lambda c: c.pop("whole_model"), "whole_model"),
+    (lambda c: c["stages"][0].update(input="pixels"), "unknown input"),
+])
+def test_checker_rejects_bad_depth_cascades(edit, message):
+    fixture = json.loads(DEPTH_FIXTURE.read_text())
+    c = copy.deepcopy(fixture["cascade"])
+    edit(c)
+    with pytest.raises(AssertionError, match=message):
+        check_cascade(c, input_hw=fixture["input"]["shape"][2:])
+
+
+def test_checker_rejects_a_size_cascade_stage_taking_features():
+    c = copy.deepcopy(json.loads(FIXTURE.read_text())["cascade"])
+    c["stages"][1]["input"] = "features"
+    with pytest.raises(AssertionError, match="must take the image"):
+        check_cascade(c)
+
+
 def test_python_threshold_choice_fits_the_swift_decoder():
     """`mobilevit_deploy.cascade` (threshold choice and its manifest block) produces what Swift decodes."""
     np = pytest.importorskip("numpy")
@@ -222,6 +278,26 @@ def test_swift_decodes_the_fixture_cascade_and_rejects_bad_ones(swift_bins, tmp_
     for edit, message in ((lambda c: c["exit_rule"].update(kind="entropy"), "entropy"),
                           (lambda c: c["exit_rule"].update(threshold=1.5), "[0, 1]"),
                           (lambda c: c.update(stages=c["stages"][:1]), "at least 2 stages")):
+        bad = copy.deepcopy(fixture)
+        edit(bad["cascade"])
+        p = tmp_path / "bad.json"
+        p.write_text(json.dumps(bad))
+        r = _run([swift_bins["mvkit-manifest"], p])
+        assert r.returncode == 1 and message in r.stderr, r.stderr
+
+
+def test_swift_decodes_the_depth_fixture_and_rejects_bad_ones(swift_bins, tmp_path):
+    fixture = json.loads(DEPTH_FIXTURE.read_text())
+    c = fixture["cascade"]
+    r = _run([swift_bins["mvkit-manifest"], "--json", DEPTH_FIXTURE])
+    assert r.returncode == 0, r.stderr
+    j = json.loads(r.stdout)["cascade"]
+    assert j["kind"] == "depth" and j["stages"] == [s["name"] for s in c["stages"]]
+    assert j["inputs"] == ["image", "features"] and j["whole_model"] == c["whole_model"]["name"]
+    assert j["threshold"] == pytest.approx(c["exit_rule"]["threshold"], rel=1e-12)
+    for edit, message in ((lambda c: c.update(kind="tokens"), "tokens"),
+                          (lambda c: c["stages"][1].update(features_from="forward"), "features_from"),
+                          (lambda c: c.pop("whole_model"), "whole_model")):
         bad = copy.deepcopy(fixture)
         edit(bad["cascade"])
         p = tmp_path / "bad.json"

@@ -25,14 +25,15 @@ final class BenchmarkRunner: ObservableObject {
         return false
     }
 
-    /// A cascade is measured stage by stage; its report's top level is the last stage's.
+    /// A cascade is measured stage by stage (then a depth cascade's whole model); its report's top
+    /// level is the whole model alone's (`spec.wholeModelName`).
     func start(classifier: CoreMLClassifier, cascade: CoreMLCascade? = nil) {
         task?.cancel()
         let method = self.method
         let device = DeviceInfo.current()
         let run = UUID()
         currentRun = run
-        let total = method.totalInferences * (cascade?.stages.count ?? 1)
+        let total = method.totalInferences * (cascade?.spec.benchmarkCount ?? 1)
         state = .running(BenchmarkProgress(completed: 0, total: total, phase: .warmup, round: 0), stage: nil)
         // The task keeps the runner (a @StateObject, alive anyway) until the benchmark ends.
         task = Task.detached(priority: .userInitiated) { [self] in
@@ -45,7 +46,7 @@ final class BenchmarkRunner: ObservableObject {
                         method: method,
                         isCancelled: { Task.isCancelled },
                         progress: { stage, progress in
-                            let label = cascade.spec.stageDescription(stage)
+                            let label = cascade.spec.benchmarkDescription(stage)
                             Task { @MainActor in
                                 if self.currentRun == run { self.state = .running(progress, stage: label) }
                             }

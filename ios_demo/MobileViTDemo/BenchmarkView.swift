@@ -16,7 +16,7 @@ struct BenchmarkView: View {
                         .font(.callout)
                         .foregroundStyle(.secondary)
                     if let cascade = store.cascade {
-                        Text("Cascade: each of the \(cascade.stages.count) stages is measured alone on a synthetic input of its size; the report's top level is the last stage's. Exit rates come from the manifest's threshold selection.")
+                        Text("Cascade: each of the \(cascade.spec.stages.count) stages is measured alone on a synthetic input (an image of its size, or features for a stage that continues from the previous one's); the report's top level is the \(cascade.spec.wholeModelDescription). Exit rates come from the manifest's threshold selection.")
                             .font(.callout)
                             .foregroundStyle(.secondary)
                     }
@@ -53,6 +53,9 @@ struct BenchmarkView: View {
                             ForEach(cascade.spec.stages.indices, id: \.self) { i in
                                 LabeledContent(cascade.spec.stageDescription(i), value: cascade.stageSummary(i))
                             }
+                            if let whole = cascade.wholeModelStats {
+                                LabeledContent(cascade.spec.wholeModelDescription, value: String(format: "%.2f ms", whole.stats.mean))
+                            }
                             if let mean = cascade.expectedLatencyMs {
                                 row("Mean per image", mean)
                             } else {
@@ -61,7 +64,7 @@ struct BenchmarkView: View {
                             }
                         }
                     }
-                    Section(resultTitle(report, isCascade: cascade != nil)) {
+                    Section(resultTitle(report, cascade: cascade?.spec)) {
                         row("Median", report.statsMs.median)
                         row("Mean", report.statsMs.mean)
                         row("p90", report.statsMs.p90)
@@ -88,9 +91,10 @@ struct BenchmarkView: View {
         }
     }
 
-    private func resultTitle(_ report: DeviceReport, isCascade: Bool) -> String {
+    private func resultTitle(_ report: DeviceReport, cascade: CascadeSpec?) -> String {
         let rounds = "ms, over \(report.roundsMs.count) round means"
-        return isCascade ? "Last stage alone (\(rounds))" : "Result (\(rounds))"
+        guard let cascade else { return "Result (\(rounds))" }
+        return "Whole model alone: \(cascade.wholeModelName) (\(rounds))"
     }
 
     private func row(_ name: LocalizedStringKey, _ value: Double) -> some View {

@@ -26,9 +26,10 @@ final class ModelStore: ObservableObject {
     @Published var computeUnits: ComputeUnits = .all {
         didSet { if oldValue != computeUnits { scheduleReload() } }
     }
-    /// The model at the manifest's input size (for a cascade: its last stage).
+    /// The model at the manifest's input size (for a cascade: the whole model alone — a size
+    /// cascade's last stage, a depth cascade's `whole_model` function).
     @Published private(set) var classifier: CoreMLClassifier?
-    /// Set when the manifest has a `cascade` section: every stage of the multi-function model.
+    /// Set when the manifest has a `cascade` section: every function of the multi-function model.
     @Published private(set) var cascade: CoreMLCascade?
     @Published private(set) var isLoading = false
     @Published private(set) var loadError: String?
@@ -73,7 +74,7 @@ final class ModelStore: ObservableObject {
                 let loaded = try await CoreMLCascade.load(modelURL: url, manifest: model.manifest, computeUnits: computeUnits)
                 guard current == generation else { return }
                 cascade = loaded
-                classifier = loaded.stages.last
+                classifier = loaded.wholeModel
             } else {
                 let loaded = try await CoreMLClassifier.load(modelURL: url, manifest: model.manifest, computeUnits: computeUnits)
                 guard current == generation else { return }

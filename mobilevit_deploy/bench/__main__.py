@@ -58,8 +58,9 @@ def build_parser():
     p.add_argument("--compute-units", default="cpuOnly", choices=["all", "cpuAndNeuralEngine", "cpuAndGPU", "cpuOnly"],
                    help="Core ML compute units (macOS; default cpuOnly)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--cascade", type=_csv, default=None, metavar="S1,S2",
-                   help="also time the cascade .pte of these stage sizes (e.g. 32,64) and its last stage alone "
+    p.add_argument("--cascade", type=_csv, default=None, metavar="S1,S2|exitK",
+                   help="also time the cascade .pte of these stage sizes (e.g. 32,64), or the depth cascade exitK "
+                        "(exit head after stage K, shipped weights) and its last stage / whole model alone "
                         "over the 40 shipped sample images: rows pte_cascade / pte_last_stage (per-image latency, "
                         "exit rate)")
     p.add_argument("--profile", action="store_true",

@@ -28,9 +28,11 @@ def cascade_rows(session, name: str, model, dcfg, art_dir: Path) -> list:
     from .runners import BoundCall
 
     cfg = session.cfg
-    spec = CascadeSpec(tuple(cfg.cascade))
+    spec = CascadeSpec.from_value(cfg.cascade if isinstance(cfg.cascade, str) else ",".join(map(str, cfg.cascade)))
     config = ExportConfig("executorch", verify=False, cascade=spec)
-    res = export_model(ModelSource(name, deploy_cfg=dcfg, module=model), config, out_dir=str(art_dir / name),
+    # a depth cascade's exit head belongs to the shipped weights (checked by their file's sha256): load them by name
+    source = ModelSource(name) if spec.depth else ModelSource(name, deploy_cfg=dcfg, module=model)
+    res = export_model(source, config, out_dir=str(art_dir / name),
                        log=lambda s: print(f"  export: {s}", file=sys.stderr))
     runner = load_cascade(res.artifact, num_threads=cfg.threads)
     samples = sample_images()
@@ -44,15 +46,32 @@ def cascade_rows(session, name: str, model, dcfg, art_dir: Path) -> list:
     section = res.manifest["cascade"]
     from .flops import count_flops
 
-    stage_gflops = [count_flops(model, size)["gflops"] for size in runner.stage_sizes]
+    if spec.depth:  # exit branch on the image, rest branch on its features
+        import torch
+
+        from ..models.exit_head import load_depth_split
+        from .flops import count_flops_on
+
+        split = load_depth_split(model, name, spec.exit_after)
+        x = runner.stage_cfgs[0].example_input(1)  # the cascade's size (the shipped weights'), not the row's
+        with torch.no_grad():
+            feats = split.exit_branch(x)[1]
+        stage_gflops = [count_flops_on(split.exit_branch, x)["gflops"],
+                        count_flops_on(split.rest_branch, feats)["gflops"]]
+        alone_gflops = count_flops(model, runner.stage_sizes[0])["gflops"]
+    else:
+        stage_gflops = [count_flops(model, size)["gflops"] for size in runner.stage_sizes]
+        alone_gflops = stage_gflops[-1]
     reach = [1.0 - sum(exit_rates[:i]) for i in range(last + 1)]  # fraction of images that run stage i
     cascade_gflops = sum(r * g for r, g in zip(reach, stage_gflops))
     common = {"input_size": list(runner.stage_sizes[-1]), "check": None, "accuracy": None}
-    cascade_info = {"sizes": list(spec.sizes), "stages": runner.stage_names, "threshold": runner.threshold,
+    cascade_info = {"sizes": list(spec.sizes), "kind": runner.kind, "stages": runner.stage_names,
+                    "threshold": runner.threshold,
                     "exit_rates": exit_rates, "images": n, "top1_on_images": top1,
-                    "images_what": "the 40 shipped samples (CIFAR-10 train), prepared at every stage size",
+                    "images_what": "the 40 shipped samples (CIFAR-10 train), prepared at every stage size"
+                    if runner.kind == "sizes" else "the 40 shipped samples (CIFAR-10 train)",
                     "threshold_selection": section.get("threshold_selection")}
-    stage = runner.stages[last]
+    stage, alone_input = runner.alone, runner.alone_input  # the last stage alone
 
     def run_cascade():
         for xs in inputs:
@@ -60,16 +79,16 @@ def cascade_rows(session, name: str, model, dcfg, art_dir: Path) -> list:
 
     def run_last():
         for xs in inputs:
-            stage.run_one(xs[last])
+            stage.run_one(xs[alone_input])
 
     threads = runner.num_threads or cfg.threads
     art, size = Path(res.artifact), res.manifest["artifact"]["size_bytes"]
     rows = []
     cascade_info["stage_gflops"] = stage_gflops
     for target, fn, extra in (("pte_cascade", run_cascade, {"cascade": cascade_info, "gflops": cascade_gflops}),
-                              ("pte_last_stage", run_last, {"gflops": stage_gflops[-1],
+                              ("pte_last_stage", run_last, {"gflops": alone_gflops,
                                                             "cascade": {**cascade_info, "exit_rates": None,
-                                                                        "what": "last stage alone"}})):
+                                                                        "what": runner.alone_what + " alone"}})):
         bc = BoundCall(target, "fp32", fn, fn, threads, art, size,
                        info={**info, "row_extra": {**common, **extra}})
         rows.append(((name, target, "fp32"), bc))

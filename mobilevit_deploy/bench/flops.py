@@ -13,9 +13,15 @@ import time
 def count_flops(model, input_size: tuple[int, int], batch: int = 1) -> dict:
     """{"gflops": total / 1e9, "by_op": {op: flops}} for one forward of `model` on [batch, 3, H, W]."""
     import torch
+
+    return count_flops_on(model, torch.zeros(batch, 3, int(input_size[0]), int(input_size[1])))
+
+
+def count_flops_on(model, x) -> dict:
+    """`count_flops` for one forward of `model` on the tensor `x` (any input, e.g. a stage's features)."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.zeros(batch, 3, int(input_size[0]), int(input_size[1]))
     was_training = model.training
     model.eval()
     try:

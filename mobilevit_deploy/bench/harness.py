@@ -53,7 +53,8 @@ class BenchConfig:
     coreml_compute_units: str = "cpuOnly"  # Core ML on macOS: all | cpuAndNeuralEngine | cpuAndGPU | cpuOnly
     seed: int = 0
     model_kwargs: dict = field(default_factory=dict)  # constructor options for every model (--model-arg)
-    cascade: tuple | None = None  # stage sizes, e.g. (32, 64): adds the pte_cascade / pte_last_stage rows (cascade.py)
+    cascade: tuple | str | None = None  # stage sizes, e.g. (32, 64), or "exit3" (depth cascade): adds the
+    # pte_cascade / pte_last_stage rows (cascade.py)
 
     def validate(self):
         from ..models import list_models
@@ -78,7 +79,12 @@ class BenchConfig:
         if self.cascade:
             from ..export.cascade import CascadeSpec
 
-            self.cascade = CascadeSpec(tuple(self.cascade)).sizes  # UserError for bad sizes
+            value = self.cascade if isinstance(self.cascade, str) else ",".join(map(str, self.cascade))
+            spec = CascadeSpec.from_value(value)  # UserError for bad sizes / forms
+            self.cascade = f"exit{spec.exit_after}" if spec.depth else spec.sizes
+            if spec.depth and (self.weights != "shipped" or self.size is not None):
+                raise UserError(f"--cascade {self.cascade} runs the exit head shipped for the shipped weights at their "
+                                "input size: use --weights shipped and no --size")
         if self.size is not None and self.size < 32:
             raise UserError(f"--size must be >= 32, got {self.size}")
         if self.weights not in ("shipped", "random"):

@@ -2,7 +2,7 @@
 [--checkpoint PATH] [--num-classes N] [--out artifacts/] [--backend xnnpack|coreml] [--precision fp16|fp32]
 [--quant SCHEME [--calib-data DIR] [--calib-size N] [--keep-float LAYER,...|auto:N|none]
 [--calibration minmax|vit] [--weight-bits-budget B]] [--size H|HxW]
-[--cascade S1,S2 [--exit-data DIR] [--max-drop PTS]]`
+[--cascade S1,S2|exitK [--exit-data DIR] [--max-drop PTS] [--exit-head HEAD.safetensors]]`
 
 Thin: parse, build the ExportConfig once (`config_from_args`), call `export_model`, print one line
 per stage. Exit 0 on success, 2 on bad input (one `error:` line, nothing written), 1 when the
@@ -56,10 +56,14 @@ def build_parser():
                         "per-layer 4/6/8-bit palettes)")
     p.add_argument("--size", default=None, metavar="H|HxW",
                    help="input size of the exported graph, e.g. 256 or 256x192 (default: the weights' deploy size)")
-    p.add_argument("--cascade", default=None, metavar="S1,S2[,...]",
+    p.add_argument("--cascade", default=None, metavar="S1,S2[,...]|exitK",
                    help="coarse-to-fine cascade (coreml, executorch): one artifact with one graph per input size, "
-                        "smallest first (e.g. 32,64); stage 1 answers when its max softmax probability reaches the "
-                        "threshold chosen on --exit-data")
+                        "smallest first (e.g. 32,64), or exitK: an exit head after stage K (e.g. exit3) and the rest "
+                        "of the network from its features; stage 1 answers when its max softmax probability reaches "
+                        "the threshold chosen on --exit-data")
+    p.add_argument("--exit-head", default=None, metavar="HEAD.safetensors",
+                   help="--cascade exitK: the exit head's weights (python -m mobilevit_deploy.train.exit_head; "
+                        "default: the head shipped for the model)")
     p.add_argument("--exit-data", default=None, metavar="DIR",
                    help="--cascade: ImageFolder the exit threshold is chosen on (default: the 40 shipped samples)")
     p.add_argument("--max-drop", type=float, default=None, metavar="PTS",
@@ -77,6 +81,7 @@ def config_from_args(args, log=print) -> ExportConfig:
         "quant": args.quant, "calib_data": args.calib_data, "calib_size": args.calib_size,
         "keep_float": args.keep_float, "calibration": args.calibration, "weight_bits_budget": args.weight_bits_budget,
         "size": args.size, "cascade": args.cascade, "exit_data": args.exit_data, "max_drop": args.max_drop,
+        "exit_head": args.exit_head,
     })
     q = config.quant
     if q is None:

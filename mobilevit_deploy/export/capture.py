@@ -33,6 +33,34 @@ class CoreMLClassifier(nn.Module):
         return torch.softmax(self.model(x), dim=-1)
 
 
+class CoreMLExit(nn.Module):
+    """A depth cascade's exit branch for Core ML: `(softmax(exit logits), stage-K features)` of `x * channel_scale`."""
+
+    def __init__(self, exit_branch: nn.Module, deploy_cfg):
+        super().__init__()
+        self.exit_branch = exit_branch
+        cs = channel_scale(deploy_cfg)
+        self.has_channel_scale = cs is not None
+        self.register_buffer("channel_scale", torch.tensor(cs or [1.0, 1.0, 1.0]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        if self.has_channel_scale:
+            x = x * self.channel_scale
+        logits, features = self.exit_branch(x)  # [B, classes], [B, C_K, h, w]
+        return torch.softmax(logits, dim=-1), features
+
+
+class Softmax(nn.Module):
+    """`softmax(module(x))`: a depth cascade's rest branch for Core ML (features in, probabilities out)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return torch.softmax(self.module(x), dim=-1)
+
+
 def module_for_target(model: nn.Module, deploy_cfg, target: str) -> nn.Module:
     """The module to capture for `target`: the model itself, or `CoreMLClassifier(model)` for coreml."""
     if target == "coreml":

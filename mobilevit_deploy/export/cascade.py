@@ -25,6 +25,7 @@ Importing this module is light (no torch).
 """
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import time
@@ -59,29 +60,67 @@ def _parse_sizes(value) -> list[int]:
         return [int(p) for p in parts]
     except (TypeError, ValueError):
         raise UserError(f"--cascade takes input sizes in pixels, smallest first, comma-separated (e.g. 32,64), "
-                        f"got {value!r}") from None
+                        f"or exitK for an exit head after stage K (e.g. exit3), got {value!r}") from None
+
+
+DEPTH_FORM = re.compile(r"^exit(\d+)$")
+WHOLE_MODEL = "forward"  # a depth cascade's method / function of the whole model (its "last stage alone")
+
+
+def _parse_depth(value) -> int | None:
+    """K of a depth-cascade value `"exitK"` (exit head after stage K), else None."""
+    m = DEPTH_FORM.match(value.strip().lower()) if isinstance(value, str) else None
+    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)
 class CascadeSpec:
-    """A cascade export: stage input `sizes` (px, square, strictly increasing), the ImageFolder
-    `exit_data` the threshold is chosen on (None: the shipped samples), `max_drop` (top-1 points the
-    cascade may lose against the last stage alone) and `exit_limit` (use only that many exit images,
-    evenly spread; None: all). Validated at construction (no model needed)."""
+    """A cascade export, in one of two forms, validated at construction (no model needed):
+
+    - sizes: stage input `sizes` (px, square, strictly increasing), one graph of the model per size;
+    - depth (`exit_after` = K, `--cascade exitK`): the exit branch (stem, stages 1..K, an exit head) and the
+      rest of the same network from its stage-K features, at the model's input size; `exit_head` is the
+      head's .safetensors (None: the one shipped for the model, models/exit_head.py).
+
+    `exit_data` is the ImageFolder the threshold is chosen on (None: the shipped samples), `max_drop`
+    the top-1 points the cascade may lose against the whole model / last stage alone, `exit_limit` the
+    number of exit images used, evenly spread (None: all)."""
 
     sizes: tuple = ()
     exit_data: str | None = None
     max_drop: float = 0.5
     exit_limit: int | None = None
+    exit_after: int | None = None
+    exit_head: str | None = None
 
     def __post_init__(self):
-        sizes = check_sizes(_parse_sizes(self.sizes))
-        bad = [s for s in sizes if not MIN_SIZE <= s <= MAX_SIZE]
-        if bad:
-            raise UserError(f"--cascade size(s) {', '.join(map(str, bad))} px cannot be taken by the model: each "
-                            f"size must be between {MIN_SIZE} (the models' output stride) and {MAX_SIZE} px, "
-                            f"got {sizes}")
-        object.__setattr__(self, "sizes", tuple(sizes))
+        if self.exit_after is not None:
+            if self.sizes:
+                raise UserError(f"a depth cascade (--cascade exit{self.exit_after}) runs at the model's input size; "
+                                f"it takes no stage sizes, got {self.sizes}")
+            try:
+                k = int(self.exit_after)
+            except (TypeError, ValueError):
+                raise UserError(f"exit_after must be a stage number >= 1, got {self.exit_after!r}") from None
+            if k < 1:
+                raise UserError(f"--cascade exit{k}: the exit must follow a stage >= 1 (e.g. exit3)")
+            object.__setattr__(self, "exit_after", k)
+            if self.exit_head is not None:
+                from ..models.exit_head import read_exit_head
+
+                read_exit_head(self.exit_head)  # CheckpointError: missing file / its JSON
+                object.__setattr__(self, "exit_head", str(self.exit_head))
+        else:
+            if self.exit_head is not None:
+                raise UserError("--exit-head is the exit head of a depth cascade: it needs --cascade exitK "
+                                "(e.g. --cascade exit3)")
+            sizes = check_sizes(_parse_sizes(self.sizes))
+            bad = [s for s in sizes if not MIN_SIZE <= s <= MAX_SIZE]
+            if bad:
+                raise UserError(f"--cascade size(s) {', '.join(map(str, bad))} px cannot be taken by the model: "
+                                f"each size must be between {MIN_SIZE} (the models' output stride) and {MAX_SIZE} "
+                                f"px, got {sizes}")
+            object.__setattr__(self, "sizes", tuple(sizes))
         try:
             drop = float(self.max_drop)
         except (TypeError, ValueError):
@@ -102,44 +141,66 @@ class CascadeSpec:
             object.__setattr__(self, "exit_data", str(self.exit_data))
 
     @property
+    def depth(self) -> bool:
+        """True for the depth form (exit head after stage `exit_after`, then the rest of the network)."""
+        return self.exit_after is not None
+
+    @property
     def names(self) -> list[str]:
+        """The cascade stages' method / function names (a depth cascade's artifact also has WHOLE_MODEL)."""
+        if self.depth:
+            return [f"exit_{self.exit_after}", f"rest_{self.exit_after}"]
         return [stage_name(s) for s in self.sizes]
 
     @property
     def suffix(self) -> str:
-        """Artifact file-name part: `_cascade_32_64`."""
+        """Artifact file-name part: `_cascade_32_64`, `_cascade_exit3`."""
+        if self.depth:
+            return f"_cascade_exit{self.exit_after}"
         return "_cascade_" + "_".join(map(str, self.sizes))
 
     def to_dict(self) -> dict:
-        return {"sizes": list(self.sizes), "exit_data": self.exit_data, "max_drop": self.max_drop,
-                "exit_limit": self.exit_limit}
+        d = {"sizes": list(self.sizes), "exit_data": self.exit_data, "max_drop": self.max_drop,
+             "exit_limit": self.exit_limit}
+        if self.depth:
+            d.update(exit_after=self.exit_after, exit_head=self.exit_head)
+        return d
 
     @classmethod
-    def from_value(cls, value, exit_data=None, max_drop=None) -> CascadeSpec | None:
-        """From a CascadeSpec, a `"32,64"` string / list of sizes (with `exit_data`, `max_drop` beside it,
-        the CLI's flat form), or `to_dict()`'s mapping. None stays None (then exit_data / max_drop must be None)."""
+    def from_value(cls, value, exit_data=None, max_drop=None, exit_head=None) -> CascadeSpec | None:
+        """From a CascadeSpec, a `"32,64"` string / list of sizes or `"exit3"` (with `exit_data`, `max_drop`,
+        `exit_head` beside it, the CLI's flat form), or `to_dict()`'s mapping. None stays None (then the
+        others must be None)."""
         if value is None:
+            if exit_head is not None:
+                raise UserError("--exit-head is the exit head of a depth cascade: it needs --cascade exitK "
+                                "(e.g. --cascade exit3)")
             if exit_data is not None or max_drop is not None:
                 raise UserError("--exit-data and --max-drop choose the threshold of a cascade: they need --cascade "
-                                "SIZES (e.g. --cascade 32,64)")
+                                "SIZES or exitK (e.g. --cascade 32,64 or --cascade exit3)")
             return None
         if isinstance(value, CascadeSpec):
             return value
         if isinstance(value, dict):
-            unknown = set(value) - {"sizes", "exit_data", "max_drop", "exit_limit"}
+            keys = {"sizes", "exit_data", "max_drop", "exit_limit", "exit_after", "exit_head"}
+            unknown = set(value) - keys
             if unknown:
                 raise UserError(f"unknown cascade key(s) {', '.join(sorted(unknown))} "
-                                "(valid: sizes, exit_data, max_drop, exit_limit)")
+                                f"(valid: {', '.join(sorted(keys))})")
             d = dict(value)
-            if exit_data is not None:
-                d["exit_data"] = exit_data
-            if max_drop is not None:
-                d["max_drop"] = max_drop
+            for k, v in (("exit_data", exit_data), ("max_drop", max_drop), ("exit_head", exit_head)):
+                if v is not None:
+                    d[k] = v
             d = {k: v for k, v in d.items() if v is not None}
+            if "sizes" in d and d.get("exit_after") is not None and not d["sizes"]:
+                del d["sizes"]
             return cls(**d)
-        kw = {"exit_data": exit_data}
+        kw = {"exit_data": exit_data, "exit_head": exit_head}
         if max_drop is not None:
             kw["max_drop"] = max_drop
+        k = _parse_depth(value)
+        if k is not None:
+            return cls(exit_after=k, **kw)
         return cls(tuple(_parse_sizes(value)), **kw)
 
 
@@ -200,6 +261,8 @@ def capture_stages(source, ctx):
     from .stages import Captured
 
     spec = ctx.config.cascade
+    if spec.depth:
+        return capture_depth(source, ctx)
     _exit_classes_match(spec, source.deploy_cfg)
     t = time.perf_counter()
     module = source.module
@@ -225,6 +288,46 @@ def capture_stages(source, ctx):
     ctx.log(f"capture: torch.export of {source.name} at 1x3x{{{sizes}}}, one program per cascade stage"
             f"{cap.describe_wrapper(source.deploy_cfg, ctx.config.target)} ({ctx.timings['capture']:.1f} s)")
     return Captured(last, programs)
+
+
+def capture_depth(source, ctx):
+    """Capture stage of a depth cascade: the model split after stage K with its exit head
+    (models/exit_head.py), {exit_K: image -> (exit logits, features), rest_K: features -> logits,
+    forward: image -> logits} -- Core ML: probabilities instead of logits. The Captured source's module
+    becomes the `DepthSplit` (what Verify checks every method against)."""
+    from dataclasses import replace
+
+    import torch
+
+    from ..models.exit_head import load_depth_split
+    from . import capture as cap
+    from .stages import Captured
+
+    spec, target = ctx.config.cascade, ctx.config.target
+    t = time.perf_counter()
+    split = load_depth_split(source.module, source.name, spec.exit_after, spec.exit_head,
+                             source.checkpoint.get("sha256"))
+    _exit_classes_match(spec, source.deploy_cfg)
+    cfg = source.deploy_cfg
+    x = cfg.example_input(1)
+    with torch.no_grad():
+        features = split.exit_branch(x)[1]
+    exit_name, rest_name = spec.names
+    if target == "coreml":
+        modules = {exit_name: cap.CoreMLExit(split.exit_branch, cfg), rest_name: cap.Softmax(split.rest_branch),
+                   WHOLE_MODEL: cap.CoreMLClassifier(split.model, cfg)}
+    else:
+        modules = {exit_name: split.exit_branch, rest_name: split.rest_branch, WHOLE_MODEL: split.model}
+    programs = {name: torch.export.export(m.eval(), (features if name == rest_name else x,))
+                for name, m in modules.items()}
+    ctx.timings["capture"] = time.perf_counter() - t
+    _, h, w = cfg.input_size
+    hw = split.head_weights
+    ctx.log(f"capture: torch.export of {source.name} split after stage {spec.exit_after} with exit head "
+            f"{hw.head} ({hw.path.name}): {exit_name} (1x3x{h}x{w} -> logits, features "
+            f"{'x'.join(map(str, features.shape))}), {rest_name} (features -> logits), {WHOLE_MODEL} (the whole "
+            f"model){cap.describe_wrapper(cfg, target)} ({ctx.timings['capture']:.1f} s)")
+    return Captured(replace(source, module=split), programs)
 
 
 # ----------------------------------------------------------------------------------------- lowerers
@@ -263,17 +366,31 @@ def lower_coreml(programs: dict, deploy_cfg, config, name: str, scheme: str = "f
     dt = config.deployment_target
     spec = config.cascade
     models = {}
-    for (fname, ep), cfg in zip(programs.items(), stage_cfgs(deploy_cfg, spec.sizes)):
-        models[fname] = coreml.convert(ep, cfg, precision=config.precision, minimum_deployment_target=dt,
-                                       model_name=f"{name} {fname}")
-    extra = {"minimum_deployment_target": dt, "coreml_functions": list(models),
-             "coreml_default_function": spec.names[-1]}
+    if spec.depth:  # exit: image -> probabilities, features; rest: features -> probabilities; forward: classifier
+        exit_name, rest_name = spec.names
+        feature_shape = tuple(programs[rest_name].example_inputs[0][0].shape)
+        kw = dict(precision=config.precision, minimum_deployment_target=dt)
+        models[exit_name] = coreml.convert_arrays(programs[exit_name], deploy_cfg, outputs=[
+            coreml.OUTPUT_ARRAY_PROBS, "features"], model_name=f"{name} {exit_name}", **kw)
+        models[rest_name] = coreml.convert_arrays(programs[rest_name], deploy_cfg, outputs=[
+            coreml.OUTPUT_ARRAY_PROBS], feature_shape=feature_shape, model_name=f"{name} {rest_name}", **kw)
+        models[WHOLE_MODEL] = coreml.convert(programs[WHOLE_MODEL], deploy_cfg, model_name=f"{name} {WHOLE_MODEL}",
+                                             **kw)
+        default = WHOLE_MODEL
+        parts = [f"{exit_name} (image -> probabilities, features {'x'.join(map(str, feature_shape))})",
+                 f"{rest_name} (features -> probabilities)", f"{WHOLE_MODEL} (the classifier)"]
+    else:
+        for (fname, ep), cfg in zip(programs.items(), stage_cfgs(deploy_cfg, spec.sizes)):
+            models[fname] = coreml.convert(ep, cfg, precision=config.precision, minimum_deployment_target=dt,
+                                           model_name=f"{name} {fname}")
+        default = spec.names[-1]
+        parts = [f"{f} ({s}x{s})" for f, s in zip(models, spec.sizes)]
+    extra = {"minimum_deployment_target": dt, "coreml_functions": list(models), "coreml_default_function": default}
 
     def save(mlmodels: dict, path) -> Path:
-        return save_multifunction(mlmodels, path, default=spec.names[-1], record=extra)
+        return save_multifunction(mlmodels, path, default=default, record=extra)
 
-    what = (f"Core ML multi-function ML program, {config.precision}, functions "
-            + ", ".join(f"{f} ({s}x{s})" for f, s in zip(models, spec.sizes))
+    what = (f"Core ML multi-function ML program, {config.precision}, functions " + ", ".join(parts)
             + f", {deploy_cfg.num_classes} labels, minimum deployment target {dt}")
     return LoweredProgram(models, save, what, extra=extra)
 
@@ -323,6 +440,66 @@ CASCADE_LOWERERS = {"executorch": lower_executorch, "coreml": lower_coreml}
 # ----------------------------------------------------------------------------------------- verify
 
 
+def _verify_depth_pte(staged, split, deploy_cfg, config) -> dict:
+    """Every method of a depth-cascade `.pte` on the shipped samples against the `DepthSplit`'s modules:
+    exit (logits and features), rest (fed the eager features) and the whole model."""
+    import torch
+
+    from .. import verify as vf
+    from ..runtime import ExecuTorchRunner
+
+    exit_name, rest_name = config.cascade.names
+    x, names = vf.sample_batch(deploy_cfg)
+    runners = {n: ExecuTorchRunner(staged, method=n) for n in (exit_name, rest_name, WHOLE_MODEL)}
+    with torch.no_grad():
+        ref_logits, ref_feats = split.exit_branch(x)
+        refs = {exit_name: ref_logits, rest_name: split.rest_branch(ref_feats), WHOLE_MODEL: split.model(x)}
+    outs = [runners[exit_name].run_outputs(x[i:i + 1]) for i in range(len(x))]
+    tests = {exit_name: torch.cat([o[0] for o in outs]),
+             rest_name: torch.cat([runners[rest_name].run_one(ref_feats[i:i + 1].contiguous())
+                                   for i in range(len(x))]),
+             WHOLE_MODEL: runners[WHOLE_MODEL](x)}
+    feats_diff = float((torch.cat([o[1] for o in outs]) - ref_feats).abs().max())
+    min_sqnr = vf.MIN_SQNR_DB.get(config.precision, 20.0)
+    stages = []
+    for n in (exit_name, rest_name, WHOLE_MODEL):
+        c = vf.compare(refs[n], tests[n])
+        stages.append({"name": n, "input": "features" if n == rest_name else "image", "images": len(names), **c,
+                       "passed": bool(c["sqnr_db"] >= min_sqnr)})
+    worst = min(stages, key=lambda st: st["sqnr_db"])
+    return {"images": len(names), "method": "executorch runtime, every method (rest fed the eager exit features)",
+            "sqnr_db": worst["sqnr_db"], "max_abs_diff": max(st["max_abs_diff"] for st in stages),
+            "top1_agreement": min(st["top1_agreement"] for st in stages), "min_sqnr_db": min_sqnr,
+            "features_max_abs_diff": feats_diff, "stages": stages, "passed": all(st["passed"] for st in stages)}
+
+
+def _coreml_depth_checks(s, spec, deploy_cfg) -> dict:
+    """Structural checks of a depth cascade's multi-function spec (exit, rest, the whole-model classifier)."""
+    from .coreml import OUTPUT_ARRAY_PROBS, OUTPUT_LABEL, OUTPUT_PROBS
+
+    funcs = {f.name: f for f in s.description.functions}
+    exit_name, rest_name = spec.names
+    _, h, w = deploy_cfg.input_size
+
+    def io(f, which):
+        return [] if f is None else [(v.name, v.type.WhichOneof("Type")) for v in getattr(f, which)]
+
+    img = funcs[exit_name].input[0].type.imageType if exit_name in funcs and funcs[exit_name].input else None
+    return {
+        "functions": sorted(funcs) == sorted([exit_name, rest_name, WHOLE_MODEL])
+        and set(s.mlProgram.functions) == set(funcs),
+        "default_function": s.description.defaultFunctionName == WHOLE_MODEL,
+        "exit_io": io(funcs.get(exit_name), "input") == [("image", "imageType")]
+        and io(funcs.get(exit_name), "output") == [(OUTPUT_ARRAY_PROBS, "multiArrayType"),
+                                                   ("features", "multiArrayType")]
+        and img is not None and (img.height, img.width) == (h, w),
+        "rest_io": io(funcs.get(rest_name), "input") == [("features", "multiArrayType")]
+        and io(funcs.get(rest_name), "output") == [(OUTPUT_ARRAY_PROBS, "multiArrayType")],
+        "whole_model_classifier": sorted(n for n, _ in io(funcs.get(WHOLE_MODEL), "output"))
+        == sorted([OUTPUT_LABEL, OUTPUT_PROBS]),
+    }
+
+
 def _coreml_function_checks(path, spec, deploy_cfg, config) -> dict:
     import coremltools as ct
 
@@ -331,6 +508,10 @@ def _coreml_function_checks(path, spec, deploy_cfg, config) -> dict:
     m = ct.models.MLModel(str(path), skip_model_load=True)
     s = m.get_spec()
     funcs = {f.name: f for f in s.description.functions}
+    if spec.depth:
+        checks = {"ml_program": s.WhichOneof("Type") == "mlProgram", **_coreml_depth_checks(s, spec, deploy_cfg),
+                  "deployment_target": s.specificationVersion == deployment_target(config.deployment_target).value}
+        return {"checks": checks, "spec_version": s.specificationVersion, "functions": list(funcs)}
     checks = {
         "ml_program": s.WhichOneof("Type") == "mlProgram",
         "functions": list(funcs) == spec.names and set(s.mlProgram.functions) == set(spec.names),
@@ -361,6 +542,8 @@ def verify_cascade(staged, module, deploy_cfg, config) -> dict:
     from ..runtime import ExecuTorchRunner
 
     spec = config.cascade
+    if spec.depth and Path(staged).suffix == ".pte":
+        return _verify_depth_pte(staged, module, deploy_cfg, config)
     if Path(staged).suffix == ".mlpackage":
         res = _coreml_function_checks(staged, spec, deploy_cfg, config)
         return {"images": 0, "method": f"coreml multi-function spec check ({sys.platform}: no Core ML runtime)",
@@ -465,6 +648,76 @@ def select_threshold(staged, source, config, log=print) -> dict:
     spec = config.cascade
     t = time.perf_counter()
     paths, ys, data = exit_images(spec, source.deploy_cfg)
+    if spec.depth:
+        probs, measured_with, feature_shape = _depth_probabilities(staged, source, config, paths)
+    else:
+        probs, measured_with = _size_probabilities(staged, source, config, paths)
+    choice = choose_threshold(probs, ys, spec.max_drop)
+    section = cascade_section(spec, choice, probs, ys, data, measured_with)
+    if spec.depth:
+        _, h, w = source.deploy_cfg.input_size
+        exit_name, rest_name = spec.names
+        section = {"kind": "depth",
+                   "stages": [{"name": exit_name, "input": "image", "input_size": [h, w],
+                               "outputs": ["logits", "features"]},
+                              {"name": rest_name, "input": "features", "features_from": exit_name,
+                               "features_shape": list(feature_shape), "outputs": ["logits"]}],
+                   "whole_model": {"name": WHOLE_MODEL, "input_size": [h, w]},
+                   "exit_head": source.module.head_weights.to_manifest(),
+                   **{k: v for k, v in section.items() if k != "stages"}}
+    sel, thr = section["threshold_selection"], section["exit_rule"]["threshold"]
+    log(f"cascade: threshold {thr:.4f} on {len(ys)} images of {data if spec.exit_data else 'the shipped samples'}: "
+        f"top-1 {sel['cascade_top1']:.2f} % ({'whole model' if spec.depth else 'last stage'} alone "
+        f"{sel['last_stage_top1']:.2f} %, max drop "
+        f"{spec.max_drop:g}), exit rates "
+        + ", ".join(f"{n} {r * 100:.1f} %" for n, r in zip(spec.names, sel["exit_rates"]))
+        + (" [no threshold below 1 qualifies: capped at 1.0]" if sel.get("no_exit") else "")
+        + f" ({time.perf_counter() - t:.1f} s)")
+    return section
+
+
+def _depth_probabilities(staged, source, config, paths, chunk: int = 200):
+    """([exit probabilities, rest-on-exit-features probabilities] over `paths`, how, features shape): through
+    the `.pte`'s exit and rest methods, or torch-side with the `DepthSplit` for Core ML."""
+    import numpy as np
+    import torch
+
+    from ..cascade import softmax
+    from ..data import load_batch
+
+    exit_name, rest_name = config.cascade.names
+    split = source.module
+    if Path(staged).suffix == ".pte":
+        from ..runtime import ExecuTorchRunner
+
+        ex = ExecuTorchRunner(staged, method=exit_name)
+        rest = ExecuTorchRunner(staged, method=rest_name, program=ex._program)
+
+        def run(x):
+            outs = [ex.run_outputs(x[i:i + 1]) for i in range(len(x))]
+            feats = [o[1] for o in outs]
+            return torch.cat([o[0] for o in outs]), torch.cat([rest.run_one(f) for f in feats]), feats[0].shape
+        how = "the artifact (ExecuTorch runtime: exit, then rest on the exit method's own features)"
+    else:
+        import sys
+
+        def run(x):
+            with torch.no_grad():
+                logits, feats = split.exit_branch(x)
+                return logits, split.rest_branch(feats), (1, *feats.shape[1:])
+        how = (f"torch-side: the fp32 PyTorch exit and rest branches (Core ML cannot run on {sys.platform})"
+               + ("; the artifact is fp16" if config.precision == "fp16" else ""))
+    le, lr, shape = [], [], None
+    for k in range(0, len(paths), chunk):
+        a, b, shape = run(load_batch(paths[k:k + chunk], source.deploy_cfg))
+        le.append(a.float().numpy())
+        lr.append(b.float().numpy())
+    return [softmax(np.concatenate(le)), softmax(np.concatenate(lr))], how, tuple(int(d) for d in shape)
+
+
+def _size_probabilities(staged, source, config, paths):
+    """Every stage's probabilities over `paths` at its own size, and how they were measured."""
+    spec = config.cascade
     cfgs = stage_cfgs(source.deploy_cfg, spec.sizes)
     if Path(staged).suffix == ".pte":
         from ..runtime import ExecuTorchRunner
@@ -484,15 +737,5 @@ def select_threshold(staged, source, config, log=print) -> dict:
 
         def run_stage(i, x):
             return module(x)
-    probs = stage_probabilities(run_stage, paths, cfgs)
-    choice = choose_threshold(probs, ys, spec.max_drop)
-    section = cascade_section(spec, choice, probs, ys, data, measured_with)
-    sel, thr = section["threshold_selection"], section["exit_rule"]["threshold"]
-    log(f"cascade: threshold {thr:.4f} on {len(ys)} images of {data if spec.exit_data else 'the shipped samples'}: "
-        f"top-1 {sel['cascade_top1']:.2f} % (last stage alone {sel['last_stage_top1']:.2f} %, max drop "
-        f"{spec.max_drop:g}), exit rates "
-        + ", ".join(f"{n} {r * 100:.1f} %" for n, r in zip(spec.names, sel["exit_rates"]))
-        + (" [no threshold below 1 qualifies: capped at 1.0]" if sel.get("no_exit") else "")
-        + f" ({time.perf_counter() - t:.1f} s)")
-    return section
+    return stage_probabilities(run_stage, paths, cfgs), measured_with
 

@@ -38,7 +38,8 @@ COREML_DEPLOYMENT_TARGET = "iOS16"  # float ML program; W8A8 (coreml int8) needs
 _FLAT_QUANT_OPTIONS = {"calib_data": "calib_data", "calib_size": "calib_size", "keep_float": "keep_float",
                        "calibration": "calibration", "weight_bits_budget": "budget_avg_bits"}
 _KEYS = ("target", "backend", "precision", "quant", "verify", "size", "cascade")
-_FLAT_CASCADE_OPTIONS = ("exit_data", "max_drop")  # from_dict's flat form: beside `cascade` (CascadeSpec fields)
+# from_dict's flat form: beside `cascade` (CascadeSpec fields)
+_FLAT_CASCADE_OPTIONS = ("exit_data", "max_drop", "exit_head")
 
 
 def artifact_path(out_dir, model_name: str, target: str, backend: str | None = None, quant: str | None = None) -> Path:
@@ -160,6 +161,11 @@ def _check_cascade(config: ExportConfig) -> None:
     if not isinstance(config.cascade, CascadeSpec):
         raise UserError(f"cascade must be a CascadeSpec (export/cascade.py), got {type(config.cascade).__name__}")
     check_target(config.target, config.backend, config.quant)
+    if config.cascade.depth:
+        if config.size is not None:
+            raise UserError(f"--size conflicts with --cascade exit{config.cascade.exit_after}: a depth cascade runs at "
+                            "the input size its exit head was trained at (the model's); leave out --size")
+        return
     last = config.cascade.sizes[-1]
     if config.size is not None and tuple(config.size) != (last, last):
         raise UserError(f"--size {config.size[0]}x{config.size[1]} conflicts with --cascade "

@@ -24,6 +24,7 @@ PRECISIONS = ("fp16", "fp32")
 DEFAULT_DEPLOYMENT_TARGET = "iOS16"
 OUTPUT_LABEL = "classLabel"
 OUTPUT_PROBS = "classLabel_probs"
+OUTPUT_ARRAY_PROBS = "probabilities"  # a depth cascade's exit / rest functions: probabilities in label order
 
 
 def _ct():
@@ -75,6 +76,49 @@ def convert(
         minimum_deployment_target=deployment_target(minimum_deployment_target),
     )
     _describe(mlmodel, deploy_cfg, precision, model_name)
+    return mlmodel
+
+
+def convert_arrays(
+    ep,
+    deploy_cfg,
+    *,
+    outputs: list[str],
+    feature_shape: tuple | None = None,
+    precision: str = "fp16",
+    minimum_deployment_target: str = DEFAULT_DEPLOYMENT_TARGET,
+    model_name: str | None = None,
+):
+    """`ct.convert` a program whose outputs are plain arrays named `outputs` (no classifier; a depth
+    cascade's functions). Its input is the "image" ImageType of `convert` or, with `feature_shape`, a
+    float MultiArray "features" of that shape."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r} for coreml (choose from: {', '.join(PRECISIONS)})")
+    ct = _ct()
+    _, h, w = deploy_cfg.input_size
+    if feature_shape is None:
+        scale, bias = deploy_cfg.scale_bias
+        inputs = [ct.ImageType(name="image", shape=(1, 3, h, w), scale=scale, bias=list(bias),
+                               color_layout=ct.colorlayout.RGB)]
+    else:
+        inputs = [ct.TensorType(name="features", shape=tuple(int(d) for d in feature_shape))]
+    mlmodel = ct.convert(
+        ep.run_decompositions({}),
+        convert_to="mlprogram",
+        inputs=inputs,
+        outputs=[ct.TensorType(name=n) for n in outputs],
+        compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
+        minimum_deployment_target=deployment_target(minimum_deployment_target),
+    )
+    name = model_name or "model"
+    mlmodel.short_description = f"{name} ({', '.join(outputs)}; {precision}), exported by mobilevit_deploy"
+    if feature_shape is None:
+        mlmodel.input_description["image"] = f"RGB image, {w}x{h}; normalisation is inside the model."
+    else:
+        mlmodel.input_description["features"] = "the exit function's `features` output"
+    for n in outputs:
+        mlmodel.output_description[n] = {OUTPUT_ARRAY_PROBS: "Probability of each class (softmax), in label order",
+                                         "features": "stage features the rest function continues from"}.get(n, n)
     return mlmodel
 
 

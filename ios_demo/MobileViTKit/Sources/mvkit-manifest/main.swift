@@ -72,6 +72,12 @@ if asJSON {
             "threshold": .number(cascade.threshold),
             "exit_rates": cascade.thresholdSelection?.exitRates.map { .array($0.map { .number($0) }) } ?? .null,
         ])
+        if cascade.kind != .sizes, case .object(var c)? = out["cascade"] {
+            c["kind"] = .string(cascade.kind.rawValue)
+            c["inputs"] = .array(cascade.stages.map { .string($0.input) })
+            c["whole_model"] = .string(cascade.wholeModelName)
+            out["cascade"] = .object(c)
+        }
     }
     if case let (w, h)? = imageSize {
         let r = pre.cropRect(imageWidth: w, imageHeight: h)

@@ -10,7 +10,8 @@
 //   T.json: [[ms, ...], ...] — `rounds` arrays of `inferences` per-inference timings, warm-up excluded.
 //
 // With --synthetic and a cascade manifest, every stage gets synthetic timings (scaled by its pixel
-// count) and the report carries the `cascade` object; the top level is the last stage's.
+// count) and the report carries the `cascade` object; the top level is the whole model's (a size
+// cascade's last stage, a depth cascade's `whole_model`, which gets synthetic timings of its own).
 //
 // Exit status: 0 ok, 1 bad input files, 2 usage error.
 import Foundation
@@ -111,7 +112,12 @@ do {
             return try BenchmarkStats(method: method, timingsMs: SyntheticTimings.generate(
                 method: method, seed: seed &+ UInt64(i), baseMs: base))
         }
-        let bench = try CascadeBenchmark(spec: cascade, stageStats: stageStats)
+        // A depth cascade's whole model alone is a function of its own, at the manifest's input size.
+        let wholeStats = cascade.wholeModelIsSeparate
+            ? try BenchmarkStats(method: method, timingsMs: SyntheticTimings.generate(
+                method: method, seed: seed &+ UInt64(cascade.stages.count), baseMs: 5.0))
+            : nil
+        let bench = try CascadeBenchmark(spec: cascade, stageStats: stageStats, wholeModelStats: wholeStats)
         data = try DeviceReport(manifest: manifest, device: device, computeUnits: units, cascade: bench).encoded()
     } else {
         let stats = try BenchmarkStats(method: method, timingsMs: timings)
