@@ -5,7 +5,8 @@ plain two-resolution cascade), for the default model.
         [--cascades 32,64 48,64] [--max-drop 0.5] [--threads 1] [--model mobilevit_xxs] [--checkpoint PATH] \
         [--no-coreml] [--out benchmarks]
 
-For every cascade (stage sizes S1,S2):
+For every cascade (stage sizes S1,S2, or exitK: the depth cascade with the shipped exit head, measured against
+the whole model alone):
 1. `export_model(..., ExportConfig("executorch", cascade=CascadeSpec(sizes, exit_data=DATA, max_drop)))`:
    the same path as `python -m mobilevit_deploy.export --target executorch --cascade S1,S2 --exit-data DATA`
    (one .pte, one XNNPACK method per stage; the threshold chosen through the .pte on DATA).
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--render", metavar="JSON", help="only re-write the .md and .png of an earlier run's JSON")
     p.add_argument("--limit", type=int, default=1000, help="images of --data, evenly spread (default 1000)")
     p.add_argument("--cascades", nargs="+", default=["32,64", "48,64"],
-                   help="stage sizes per cascade (default 32,64 48,64)")
+                   help="stage sizes per cascade, or exitK for the depth cascade (default 32,64 48,64)")
     p.add_argument("--max-drop", type=float, default=0.5,
                    help="top-1 points the chosen threshold may lose (default 0.5)")
     p.add_argument("--threads", type=int, default=1, help="ExecuTorch threads (default 1)")
@@ -85,27 +86,42 @@ def sweep_thresholds(stage1_max, chosen: float) -> list[float]:
     return sorted(ts)
 
 
-def study_cascade(sizes, args, source, art_dir: Path) -> dict:
+def cascade_spec(value: str, **kw):
+    """The CascadeSpec of a --cascades value: "32,64" (stage sizes) or "exit3" (depth cascade)."""
+    from mobilevit_deploy.export.cascade import CascadeSpec
+
+    spec = CascadeSpec.from_value(value)
+    return CascadeSpec(spec.sizes, exit_after=spec.exit_after, **kw)
+
+
+def stage_labels(c: dict) -> list[str]:
+    """How the report names each stage: its size for a size cascade, its method for a depth cascade."""
+    return [f"{s} px" for s in c["sizes"]] if c["sizes"] else list(c["stages"])
+
+
+def study_cascade(value: str, args, source, art_dir: Path) -> dict:
     import numpy as np
 
     from mobilevit_deploy.cascade import simulate, softmax
     from mobilevit_deploy.cascade_eval import labelled_images, measure_cascade
     from mobilevit_deploy.export import ExportConfig, export_model
-    from mobilevit_deploy.export.cascade import CascadeSpec
     from mobilevit_deploy.runtime import load_cascade
 
-    spec = CascadeSpec(tuple(sizes), exit_data=args.data, max_drop=args.max_drop, exit_limit=args.limit)
+    spec = cascade_spec(value, exit_data=args.data, max_drop=args.max_drop, exit_limit=args.limit)
     t = time.perf_counter()
     res = export_model(source, ExportConfig("executorch", cascade=spec), out_dir=art_dir,
                        log=lambda s: log(f"  export: {s}"))
     export_s = time.perf_counter() - t
     runner = load_cascade(res.artifact, num_threads=args.threads)
     paths, ys = labelled_images(args.data, runner.deploy_cfg.class_labels, args.limit)
-    log(f"  preparing {len(paths)} images at {', '.join(f'{s} px' for s in sizes)}")
+    log(f"  preparing {len(paths)} images for {', '.join(runner.stage_names)}")
     inputs = [runner.prepare_all(p) for p in paths]
-    probs = []
-    for i in range(len(sizes)):
-        probs.append(softmax(np.concatenate([runner.run_stage(i, xs[i]).numpy() for xs in inputs])))
+    probs = [softmax(np.concatenate([runner.run_stage(0, xs[0]).numpy() for xs in inputs]))]
+    if spec.depth:  # the rest answers with the whole model's logits
+        probs.append(softmax(np.concatenate([runner.alone.run_one(xs[runner.alone_input]).numpy() for xs in inputs])))
+    else:
+        for i in range(1, len(spec.sizes)):
+            probs.append(softmax(np.concatenate([runner.run_stage(i, xs[i]).numpy() for xs in inputs])))
     y = np.asarray(ys)
     stage_top1 = [100.0 * float((p.argmax(1) == y).mean()) for p in probs]
     chosen = float(res.manifest["cascade"]["exit_rule"]["threshold"])
@@ -114,18 +130,24 @@ def study_cascade(sizes, args, source, art_dir: Path) -> dict:
         m = measure_cascade(runner, inputs, ys, threshold=thr)
         measured.append(m.to_dict())
         log(f"  threshold {thr:.4f}: top-1 {m.top1:.2f} %, exit {m.exit_rates[0] * 100:.1f} %, cascade "
-            f"{m.mean_latency_ms:.3f} ms, last stage {m.last_stage_latency_ms:.3f} ms ({m.latency_ratio:.2f}x)")
+            f"{m.mean_latency_ms:.3f} ms, {runner.alone_what} {m.last_stage_latency_ms:.3f} ms "
+            f"({m.latency_ratio:.2f}x)")
     # simulated curve: per-stage latency from the measured extremes (threshold 0: stage 1 only)
     t0 = next(m for m in measured if m["threshold"] == 0.0)
     last_ms = float(np.median([m["last_stage_latency_ms"] for m in measured]))
-    stage_ms = [t0["mean_latency_ms"], last_ms]
+    if spec.depth:  # stage 2 (the rest) costs what threshold 1 (exit + rest for every image) adds to the exit
+        t1 = next(m for m in measured if m["threshold"] == 1.0)
+        stage_ms = [t0["mean_latency_ms"], t1["mean_latency_ms"] - t0["mean_latency_ms"]]
+    else:
+        stage_ms = [t0["mean_latency_ms"], last_ms]
     cands = np.unique(np.concatenate([[0.0, 1.0 + 1e-6], probs[0].max(1)]))
     curve = []
     for thr in cands:
         o = simulate(probs, ys, float(thr))
         curve.append({"threshold": float(min(thr, 1.0)), "top1": o.top1, "exit_rate": o.exit_rates[0],
                       "expected_latency_ms": o.cost(stage_ms)})
-    return {"sizes": list(sizes), "artifact": res.artifact.name,
+    return {"sizes": list(spec.sizes), "label": value, "kind": runner.kind, "stages": runner.stage_names,
+            "alone": runner.alone_what, "alone_ms_median": last_ms, "artifact": res.artifact.name,
             "artifact_bytes": res.manifest["artifact"]["size_bytes"],
             "export_s": round(export_s, 1), "manifest_cascade": res.manifest["cascade"],
             "ops_not_delegated": res.manifest["ops_not_delegated"], "verification": res.manifest["verification"],
@@ -133,17 +155,17 @@ def study_cascade(sizes, args, source, art_dir: Path) -> dict:
             "stage_latency_ms_for_curve": stage_ms, "curve": curve, "threads": runner.num_threads}
 
 
-def coreml_sizes(sizes, source, art_dir: Path) -> dict:
+def coreml_sizes(value: str, source, art_dir: Path) -> dict:
     import coremltools as ct
 
     from mobilevit_deploy.export import ExportConfig, export_model
-    from mobilevit_deploy.export.cascade import CascadeSpec
 
     if not hasattr(ct.utils, "save_multifunction"):
         return {"skipped": f"coremltools {ct.__version__} has no multi-function API"}
-    res = export_model(source, ExportConfig("coreml", cascade=CascadeSpec(tuple(sizes))), out_dir=art_dir,
+    res = export_model(source, ExportConfig("coreml", cascade=cascade_spec(value)), out_dir=art_dir,
                        log=lambda s: log(f"  export: {s}"))
-    return {"sizes": list(sizes), "artifact": res.artifact.name, **res.manifest["coreml_multifunction"],
+    return {"sizes": list(cascade_spec(value).sizes), "label": value, "artifact": res.artifact.name,
+            **res.manifest["coreml_multifunction"],
             "minimum_deployment_target": res.manifest["minimum_deployment_target"]}
 
 
@@ -156,7 +178,7 @@ def plot(doc: dict, path: Path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
     for c, col in zip(doc["cascades"], colors):
-        lab = ",".join(map(str, c["sizes"]))
+        lab = c.get("label") or ",".join(map(str, c["sizes"]))
         xs = [p["expected_latency_ms"] for p in c["curve"]]
         ax.plot(xs, [p["top1"] for p in c["curve"]], color=col, alpha=0.5, lw=1,
                 label=f"{lab}: simulated over all thresholds")
@@ -164,8 +186,9 @@ def plot(doc: dict, path: Path):
                    zorder=3, label=f"{lab}: measured (.pte, {c['images']} images)")
         ch = next(m for m in c["measured"] if abs(m["threshold"] - c["chosen_threshold"]) < 1e-6)
         ax.scatter([ch["mean_latency_ms"]], [ch["top1"]], color=col, marker="*", s=180, zorder=4, edgecolor="k")
-        ax.scatter([c["stage_latency_ms_for_curve"][-1]], [c["stage_top1"][-1]], color=col, marker="s", zorder=4,
-                   edgecolor="k", label=f"{c['sizes'][-1]} px alone (median over the rows)")
+        ax.scatter([c.get("alone_ms_median", c["stage_latency_ms_for_curve"][-1])], [c["stage_top1"][-1]], color=col,
+                   marker="s", zorder=4, edgecolor="k",
+                   label=f"{lab}: {c.get('alone', 'last stage')} alone (median over the rows)")
     ax.set_xlabel("mean ExecuTorch latency per image (ms, model time)")
     ax.set_ylabel(f"top-1 % on {doc['data']}")
     ax.set_title(f"{doc['model']} coarse-to-fine cascade (star: threshold chosen at max drop {doc['max_drop']:g})",
@@ -189,15 +212,16 @@ def markdown(doc: dict) -> str:
            f"{doc['cpu']['load_avg_1min_at_start']} at start). lscpu flags: `{' '.join(doc['cpu']['flags'])}`", ""]
     for c in doc["cascades"]:
         sel = c["manifest_cascade"]["threshold_selection"]
-        out += [f"## Cascade {','.join(map(str, c['sizes']))} (`{c['artifact']}`, "
+        alone = c.get("alone", "last stage")
+        out += [f"## Cascade {c.get('label') or ','.join(map(str, c['sizes']))} (`{c['artifact']}`, "
                 f"{c['artifact_bytes'] / 1e6:.2f} MB)", "",
-                "Stage top-1 alone: " + ", ".join(f"{s} px {t:.2f} %" for s, t in zip(c["sizes"], c["stage_top1"]))
+                "Top-1 alone: " + ", ".join(f"{s} {t:.2f} %" for s, t in zip(stage_labels(c), c["stage_top1"]))
                 + f". Chosen threshold {c['chosen_threshold']:.4f} (lowest within {sel['max_drop_points']:g} points of "
-                f"the last stage, chosen through the .pte on {sel['images']} images)"
+                f"the {alone} alone, chosen through the .pte on {sel['images']} images)"
                 + (" -- no threshold below 1 qualifies: capped at 1.0" if sel.get("no_exit") else "") + ". "
                 + f"Ops outside the delegate: {', '.join(c['ops_not_delegated']) or 'none'}.", "",
-                "| threshold | exit rate stage 1 | top-1 % | last stage alone top-1 % | mean latency ms | "
-                "last stage alone ms | ratio |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                f"| threshold | exit rate stage 1 | top-1 % | {alone} alone top-1 % | mean latency ms | "
+                f"{alone} alone ms | ratio |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for m in c["measured"]:
             star = " (chosen)" if abs(m["threshold"] - c["chosen_threshold"]) < 1e-6 else ""
             out.append(f"| {m['threshold']:.4f}{star} | {m['exit_rates'][0] * 100:.1f} % | {m['top1']:.2f} | "
@@ -212,7 +236,8 @@ def markdown(doc: dict) -> str:
                 out.append(f"- skipped: {c['skipped']}")
                 continue
             sep = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in c["separate_packages_bytes"].items())
-            out.append(f"- {','.join(map(str, c['sizes']))}: `{c['artifact']}` {c['size_bytes'] / 1e6:.2f} MB "
+            lab = c.get("label") or ",".join(map(str, c["sizes"]))
+            out.append(f"- {lab}: `{c['artifact']}` {c['size_bytes'] / 1e6:.2f} MB "
                        f"({c['minimum_deployment_target']}) vs separate packages {sep} (total "
                        f"{c['separate_packages_total_bytes'] / 1e6:.2f} MB): {c['size_ratio_vs_separate']:.2f}x")
         out.append("")
@@ -228,14 +253,20 @@ def observations(c: dict, max_drop: float) -> list[str]:
     s1, both = ms[0.0]["mean_latency_ms"], ms[1.0]["mean_latency_ms"]
     ok = [m for m in c["measured"] if m["top1"] >= m["last_stage_top1"] - max_drop - 1e-9]
     best = min(ok, key=lambda m: m["latency_ratio"]) if ok else None
-    out = [f"- stage 1 alone ({c['sizes'][0]} px, threshold 0): {s1:.3f} ms per image = "
-           f"{s1 / ms[0.0]['last_stage_latency_ms']:.2f}x the last stage alone in the same rows",
-           f"- every image through both stages (threshold 1): {both:.3f} ms = stage 1 + last stage + "
-           f"{both - s1 - ms[1.0]['last_stage_latency_ms']:.3f} ms per image of switching between the two methods "
-           "(measured minus the two streams' times)"]
+    alone = c.get("alone", "last stage")
+    out = [f"- stage 1 alone ({stage_labels(c)[0]}, threshold 0): {s1:.3f} ms per image = "
+           f"{s1 / ms[0.0]['last_stage_latency_ms']:.2f}x the {alone} alone in the same rows"]
+    if c.get("kind") == "depth":
+        out.append(f"- every image through exit and rest (threshold 1): {both:.3f} ms = "
+                   f"{both / ms[1.0]['last_stage_latency_ms']:.2f}x the {alone} alone (the exit head's cost plus the "
+                   "switch between the two methods)")
+    else:
+        out.append(f"- every image through both stages (threshold 1): {both:.3f} ms = stage 1 + last stage + "
+                   f"{both - s1 - ms[1.0]['last_stage_latency_ms']:.3f} ms per image of switching between the two "
+                   "methods (measured minus the two streams' times)")
     if best is not None:
-        out.append(f"- fastest measured row within {max_drop:g} top-1 points of the last stage: threshold "
-                   f"{best['threshold']:.4f}, {best['latency_ratio']:.2f}x the last stage alone "
+        out.append(f"- fastest measured row within {max_drop:g} top-1 points of the {alone} alone: threshold "
+                   f"{best['threshold']:.4f}, {best['latency_ratio']:.2f}x the {alone} alone "
                    f"(issue 14 goal: <= 0.7x){'' if best['latency_ratio'] <= 0.7 else ' -- goal not met'}")
     return out
 
@@ -279,11 +310,10 @@ def main(argv=None) -> int:
     try:
         cascades, coreml = [], []
         for c in args.cascades:
-            sizes = [int(s) for s in c.split(",")]
             log(f"cascade {c}")
-            cascades.append(study_cascade(sizes, args, loaded, art_dir))
+            cascades.append(study_cascade(c, args, loaded, art_dir))
             if not args.no_coreml:
-                coreml.append(coreml_sizes(sizes, loaded, art_dir))
+                coreml.append(coreml_sizes(c, loaded, art_dir))
     finally:
         if tmp is not None:
             tmp.cleanup()
