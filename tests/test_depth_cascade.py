@@ -259,3 +259,18 @@ def test_bench_harness_times_the_depth_cascade_and_the_whole_model():
     assert c["cascade"]["kind"] == "depth" and alone["cascade"]["what"] == "whole model (forward) alone"
     g_exit, g_rest = c["cascade"]["stage_gflops"]
     assert g_exit < alone["gflops"] < g_exit + g_rest, "the exit is cheaper than the model, exit + rest dearer"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{tmp}/missing", "--out", "{tmp}/h.safetensors"], "directory not found"),
+    (["--data", "{tmp}", "--out", "{tmp}/h.pt"], "--out must end in .safetensors"),
+    (["--data", "{tmp}", "--out", "{tmp}/h.safetensors", "--head", "big"], "invalid choice"),
+])
+def test_train_exit_head_bad_input_is_one_error_line(args, message, tmp_path, capsys):
+    from mobilevit_deploy.train.exit_head import main
+
+    rc = run_cli(main, [a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and message in lines[0], err
+    assert not list(tmp_path.glob("h.*"))
