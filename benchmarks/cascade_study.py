@@ -59,6 +59,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default="mobilevit_xxs")
     p.add_argument("--checkpoint", default=None, help="weights (default: the shipped weights of --model)")
     p.add_argument("--no-coreml", action="store_true", help="skip the Core ML multi-function package size")
+    p.add_argument("--baseline", default=None, metavar="CKPT",
+                   help="beside a depth cascade, the simple alternative: a smaller model trained from scratch "
+                        "(CKPT with its model.json); its .pte is timed and scored on the same prepared images in the "
+                        "same run, against the same whole model")
     p.add_argument("--out", default="benchmarks", help="output directory (default benchmarks/)")
     p.add_argument("--artifacts", default=None, help="keep the exported artifacts here (default: a temporary dir)")
     return p.parse_args(argv)
@@ -146,13 +150,55 @@ def study_cascade(value: str, args, source, art_dir: Path) -> dict:
         o = simulate(probs, ys, float(thr))
         curve.append({"threshold": float(min(thr, 1.0)), "top1": o.top1, "exit_rate": o.exit_rates[0],
                       "expected_latency_ms": o.cost(stage_ms)})
+    baseline = study_baseline(args, runner, inputs, ys, art_dir) if spec.depth and args.baseline else None
     return {"sizes": list(spec.sizes), "label": value, "kind": runner.kind, "stages": runner.stage_names,
+            "baseline": baseline,
             "alone": runner.alone_what, "alone_ms_median": last_ms, "artifact": res.artifact.name,
             "artifact_bytes": res.manifest["artifact"]["size_bytes"],
             "export_s": round(export_s, 1), "manifest_cascade": res.manifest["cascade"],
             "ops_not_delegated": res.manifest["ops_not_delegated"], "verification": res.manifest["verification"],
             "images": len(ys), "stage_top1": stage_top1, "chosen_threshold": chosen, "measured": measured,
             "stage_latency_ms_for_curve": stage_ms, "curve": curve, "threads": runner.num_threads}
+
+
+class _Alone:
+    """One model as a one-stage 'cascade' over the depth cascade's prepared inputs, so that
+    `measure_cascade` times it against the same whole model, on the same images, in the same way."""
+
+    def __init__(self, run, cascade_runner):
+        self.stages, self.stage_names, self.threshold = [run], ["baseline"], 0.0
+        self.alone, self.alone_input = cascade_runner.alone, cascade_runner.alone_input
+        self.alone_what, self.num_threads = cascade_runner.alone_what, cascade_runner.num_threads
+
+    def run_prepared(self, inputs):
+        from mobilevit_deploy.runtime import CascadeAnswer
+
+        return CascadeAnswer(self.stages[0].run_one(inputs[self.alone_input]), 0, "baseline", ())
+
+
+def study_baseline(args, runner, inputs, ys, art_dir: Path) -> dict:
+    """The smaller from-scratch model of --baseline through its own .pte, beside the depth cascade."""
+    from mobilevit_deploy.bench.flops import count_flops
+    from mobilevit_deploy.cascade_eval import measure_cascade
+    from mobilevit_deploy.export import ExportConfig, export_model
+    from mobilevit_deploy.pretrained import load_model
+    from mobilevit_deploy.runtime import ExecuTorchRunner
+
+    lm = load_model(args.model, checkpoint=args.baseline)
+    want = runner.stage_cfgs[0]
+    if (lm.deploy_cfg.image_size, lm.deploy_cfg.mean, lm.deploy_cfg.std) != (want.image_size, want.mean, want.std):
+        raise SystemExit(f"error: --baseline {args.baseline} takes other inputs ({lm.deploy_cfg.image_size}) than "
+                         f"the cascade ({want.image_size})")
+    res = export_model(lm, ExportConfig("executorch"), out_dir=art_dir / "baseline",
+                       log=lambda s: log(f"  baseline export: {s}"))
+    m = measure_cascade(_Alone(ExecuTorchRunner(res.artifact), runner), inputs, ys)
+    log(f"  baseline {args.baseline}: top-1 {m.top1:.2f} %, {m.mean_latency_ms:.3f} ms, {runner.alone_what} "
+        f"{m.last_stage_latency_ms:.3f} ms ({m.latency_ratio:.2f}x)")
+    return {"checkpoint": args.baseline, "recipe": lm.meta.get("recipe"), "epochs": lm.meta.get("epochs"),
+            "params": sum(p.numel() for p in lm.module.parameters()),
+            "gflops": count_flops(lm.module, want.image_size)["gflops"],
+            "pte_bytes": res.manifest["artifact"]["size_bytes"],
+            "verification_passed": res.manifest["verification"]["passed"], **m.to_dict()}
 
 
 def coreml_sizes(value: str, source, art_dir: Path) -> dict:
@@ -186,6 +232,10 @@ def plot(doc: dict, path: Path):
                    zorder=3, label=f"{lab}: measured (.pte, {c['images']} images)")
         ch = next(m for m in c["measured"] if abs(m["threshold"] - c["chosen_threshold"]) < 1e-6)
         ax.scatter([ch["mean_latency_ms"]], [ch["top1"]], color=col, marker="*", s=180, zorder=4, edgecolor="k")
+        b = c.get("baseline")
+        if b:
+            ax.scatter([b["mean_latency_ms"]], [b["top1"]], color=col, marker="X", s=90, zorder=4, edgecolor="k",
+                       label=f"{lab}: smaller model from scratch ({b['params'] / 1e3:.0f}k params)")
         ax.scatter([c.get("alone_ms_median", c["stage_latency_ms_for_curve"][-1])], [c["stage_top1"][-1]], color=col,
                    marker="s", zorder=4, edgecolor="k",
                    label=f"{lab}: {c.get('alone', 'last stage')} alone (median over the rows)")
@@ -227,7 +277,16 @@ def markdown(doc: dict) -> str:
             out.append(f"| {m['threshold']:.4f}{star} | {m['exit_rates'][0] * 100:.1f} % | {m['top1']:.2f} | "
                        f"{m['last_stage_top1']:.2f} | {m['mean_latency_ms']:.3f} | {m['last_stage_latency_ms']:.3f} | "
                        f"{m['latency_ratio']:.2f} |")
-        out += [""] + observations(c, doc["max_drop"]) + [""]
+        out += [""] + observations(c, doc["max_drop"])
+        b = c.get("baseline")
+        if b:
+            out.append(f"- the simple alternative, a smaller model trained from scratch (`{b['checkpoint']}`, "
+                       f"{b['params']:,} parameters, {b['gflops']:.3f} GFLOPs, recipe `{b['recipe']}`, "
+                       f"{b['epochs']} epochs; its own .pte, {b['pte_bytes'] / 1e6:.2f} MB): top-1 {b['top1']:.2f} %, "
+                       f"{b['mean_latency_ms']:.3f} ms per image = {b['latency_ratio']:.2f}x the {b['alone']} alone "
+                       f"({b['last_stage_latency_ms']:.3f} ms, {b['last_stage_top1']:.2f} %) on the same images, "
+                       "same run")
+        out += [""]
     cm = doc.get("coreml")
     if cm:
         out += ["## Core ML multi-function package", ""]
