@@ -87,3 +87,31 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def sample_folder(tmp_path_factory):
+    """The 40 shipped samples as an ImageFolder (class folders), for `--data` / `--exit-data`."""
+    import shutil
+    from pathlib import Path
+
+    from mobilevit_deploy.data import sample_images
+
+    root = tmp_path_factory.mktemp("samples_folder")
+    for path, cls in sample_images():
+        (root / cls).mkdir(exist_ok=True)
+        shutil.copy(path, root / cls / Path(path).name)
+    return root
+
+
+def assert_one_error_line(main, argv, message, capsys, out=None):
+    """`run_cli(main, argv)` exits 2 with ONE `error:` line containing `message`, and `out` (if given) is
+    missing or empty: the contract for bad input."""
+    from mobilevit_deploy.cli import run_cli
+
+    rc = run_cli(main, argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
+    assert out is None or not out.exists() or not any(out.iterdir())

@@ -7,7 +7,6 @@ Fast: a small random-weight model (conftest.make_tiny_model) at 32 and 48 px, ex
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from mobilevit_deploy.errors import UserError
 from mobilevit_deploy.export import ExportConfig, export_model
 from mobilevit_deploy.export.cascade import CascadeSpec, cascade_section, stage_cfgs
 
-from conftest import make_tiny_model
+from conftest import assert_one_error_line, make_tiny_model
 
 SIZES = (32, 48)
 NAMES = ["forward_32", "forward_48"]
@@ -41,18 +40,6 @@ def pte(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("cascade_pte")
     res = export_model(tiny, ExportConfig("executorch", cascade=CascadeSpec(SIZES)), out_dir=out, log=None)
     return res
-
-
-@pytest.fixture(scope="module")
-def sample_folder(tmp_path_factory):
-    """The 40 shipped samples as an ImageFolder (class folders)."""
-    from mobilevit_deploy.data import sample_images
-
-    root = tmp_path_factory.mktemp("samples_folder")
-    for path, cls in sample_images():
-        (root / cls).mkdir(exist_ok=True)
-        shutil.copy(path, root / cls / Path(path).name)
-    return root
 
 
 # ------------------------------------------------------------------------------------------ export chain
@@ -224,12 +211,7 @@ def test_bad_cascade_input_is_one_error_line_exit_2_nothing_written(args, messag
     argv = ["--target", "executorch", "--out", str(out)] + [a.format(tmp=empty_dirs) for a in args]
     if "--target" in args:
         argv = argv[2:]
-    rc = run_cli(main, argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
-    assert not out.exists() or not any(out.iterdir())
+    assert_one_error_line(main, argv, message, capsys, out)
 
 
 def test_a_size_the_model_cannot_take_fails_before_anything_is_written(tmp_path):

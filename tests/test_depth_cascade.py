@@ -7,8 +7,6 @@ The .pte is exported once per module from the shipped weights (~25 s).
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +16,8 @@ from mobilevit_deploy.errors import UserError
 from mobilevit_deploy.export import ExportConfig, ModelSource, export_model
 from mobilevit_deploy.export.cascade import CascadeSpec
 from mobilevit_deploy.models.exit_head import load_depth_split, shipped_exit_head, split_model
+
+from conftest import assert_one_error_line
 
 NAMES = ["exit_3", "rest_3"]
 
@@ -36,17 +36,6 @@ def pte(tmp_path_factory):
     out = tmp_path_factory.mktemp("depth_pte")
     config = ExportConfig("executorch", cascade=CascadeSpec.from_value("exit3"))
     return export_model(ModelSource("mobilevit_xxs"), config, out_dir=out, log=None)
-
-
-@pytest.fixture(scope="module")
-def sample_folder(tmp_path_factory):
-    from mobilevit_deploy.data import sample_images
-
-    root = tmp_path_factory.mktemp("samples_folder")
-    for path, cls in sample_images():
-        (root / cls).mkdir(exist_ok=True)
-        shutil.copy(path, root / cls / Path(path).name)
-    return root
 
 
 # ------------------------------------------------------------------------------------------ the split and its head
@@ -225,12 +214,7 @@ def test_bad_depth_cascade_input_is_one_error_line_exit_2_nothing_written(args, 
     argv = ["--target", "executorch", "--out", str(out)] + [a.format(tmp=tmp_path) for a in args]
     if "--target" in args:
         argv = argv[2:]
-    rc = run_cli(main, argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
-    assert not out.exists() or not any(out.iterdir())
+    assert_one_error_line(main, argv, message, capsys, out)
 
 
 # ------------------------------------------------------------------------------------------ bench rows
@@ -269,8 +253,5 @@ def test_bench_harness_times_the_depth_cascade_and_the_whole_model():
 def test_train_exit_head_bad_input_is_one_error_line(args, message, tmp_path, capsys):
     from mobilevit_deploy.train.exit_head import main
 
-    rc = run_cli(main, [a.format(tmp=tmp_path) for a in args])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert rc == 2 and len(lines) == 1 and message in lines[0], err
+    assert_one_error_line(main, [a.format(tmp=tmp_path) for a in args], message, capsys)
     assert not list(tmp_path.glob("h.*"))

@@ -18,7 +18,8 @@ def channel_scale(deploy_cfg) -> list[float] | None:
 
 
 class CoreMLClassifier(nn.Module):
-    """`softmax(model(x * channel_scale))`: what the Core ML classifier wraps."""
+    """`softmax(model(x * channel_scale))`: what the Core ML classifier wraps. A model that returns a tuple
+    (a depth cascade's exit branch: logits, features) gets the softmax on its first output only."""
 
     def __init__(self, model: nn.Module, deploy_cfg):
         super().__init__()
@@ -30,24 +31,10 @@ class CoreMLClassifier(nn.Module):
     def forward(self, x):
         if self.has_channel_scale:
             x = x * self.channel_scale
-        return torch.softmax(self.model(x), dim=-1)
-
-
-class CoreMLExit(nn.Module):
-    """A depth cascade's exit branch for Core ML: `(softmax(exit logits), stage-K features)` of `x * channel_scale`."""
-
-    def __init__(self, exit_branch: nn.Module, deploy_cfg):
-        super().__init__()
-        self.exit_branch = exit_branch
-        cs = channel_scale(deploy_cfg)
-        self.has_channel_scale = cs is not None
-        self.register_buffer("channel_scale", torch.tensor(cs or [1.0, 1.0, 1.0]).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x):
-        if self.has_channel_scale:
-            x = x * self.channel_scale
-        logits, features = self.exit_branch(x)  # [B, classes], [B, C_K, h, w]
-        return torch.softmax(logits, dim=-1), features
+        out = self.model(x)
+        if isinstance(out, tuple):  # (logits [B, classes], features ...)
+            return (torch.softmax(out[0], dim=-1), *out[1:])
+        return torch.softmax(out, dim=-1)
 
 
 class Softmax(nn.Module):

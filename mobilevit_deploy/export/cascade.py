@@ -314,7 +314,7 @@ def capture_depth(source, ctx):
         features = split.exit_branch(x)[1]
     exit_name, rest_name = spec.names
     if target == "coreml":
-        modules = {exit_name: cap.CoreMLExit(split.exit_branch, cfg), rest_name: cap.Softmax(split.rest_branch),
+        modules = {exit_name: cap.CoreMLClassifier(split.exit_branch, cfg), rest_name: cap.Softmax(split.rest_branch),
                    WHOLE_MODEL: cap.CoreMLClassifier(split.model, cfg)}
     else:
         modules = {exit_name: split.exit_branch, rest_name: split.rest_branch, WHOLE_MODEL: split.model}
